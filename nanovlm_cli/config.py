@@ -1,0 +1,404 @@
+"""Configuration dataclasses: vision, language, projector, image processing, VLM and training.
+
+A config is the single description of what a model computes and how it is trained. Each class validates itself
+in `__post_init__` (so an impossible config fails before any weight is loaded, naming the field), round-trips
+through `to_dict` / `from_dict` (JSON-safe), and exposes derived sizes as properties rather than stored copies.
+Nothing here imports torch: the CLI builds and prints configs without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from nanovlm_cli.errors import ConfigError
+
+T = TypeVar("T", bound="_Config")
+
+VisionKind = Literal["siglip", "dinov2", "dinov3"]
+ResizeMode = Literal["fixed", "tiles", "aspect"]
+
+# Normalisation constants of the backbone families (recorded in every config that uses them).
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+class _Config:
+    """Shared JSON round-trip for the dataclasses below."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, _Config):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(known)}"
+            )
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            sub = _SUBCONFIGS.get((cls.__name__, name))
+            if sub is not None and isinstance(value, dict):
+                value = sub.from_dict(value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def replace(self: T, **changes: Any) -> T:
+        """A validated copy with `changes` applied (configs are never mutated in place)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+@dataclass(frozen=True)
+class VisionConfig(_Config):
+    """A ViT image encoder: SigLIP/SigLIP2 (fixed resolution), DINOv2, or DINOv3.
+
+    `hub_id` names pretrained weights (a Hub id or a local directory); None means random initialisation. When
+    weights are loaded, the architecture fields are read from the backbone's own `config.json`, so the values
+    here matter only for from-scratch models and for display.
+    """
+
+    kind: VisionKind = "siglip"
+    hub_id: str | None = None
+    image_size: int = 224  # resolution the position embeddings were trained at
+    patch_size: int = 16
+    hidden_dim: int = 768
+    intermediate_dim: int = 3072
+    n_layers: int = 12
+    n_heads: int = 12
+    layer_norm_eps: float = 1e-6
+    act: Literal["gelu_tanh", "gelu"] = "gelu_tanh"
+    gated_mlp: bool = False  # SwiGLU MLP (DINOv3 "plus" sizes)
+    use_cls: bool = False  # a CLS token is prepended (DINOv2, DINOv3)
+    n_registers: int = 0  # register tokens after CLS (DINOv3: 4)
+    layer_scale: bool = False  # per-channel LayerScale on both residual branches (DINO)
+    rope_theta: float | None = None  # 2-D RoPE base (DINOv3); None means learned absolute positions
+    qkv_bias: tuple[bool, bool, bool] = (True, True, True)  # DINOv3 has no key bias
+    mlp_bias: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ("siglip", "dinov2", "dinov3"),
+                 f"vision.kind={self.kind!r} is not one of siglip, dinov2, dinov3")
+        for name in ("image_size", "patch_size", "hidden_dim", "intermediate_dim", "n_layers", "n_heads"):
+            _require(getattr(self, name) > 0, f"vision.{name}={getattr(self, name)} must be positive")
+        _require(self.hidden_dim % self.n_heads == 0,
+                 f"vision.n_heads={self.n_heads} does not divide vision.hidden_dim={self.hidden_dim}; "
+                 "choose a head count that divides the hidden size")
+        _require(self.image_size % self.patch_size == 0,
+                 f"vision.image_size={self.image_size} is not a multiple of vision.patch_size={self.patch_size}")
+        _require(len(self.qkv_bias) == 3, f"vision.qkv_bias={self.qkv_bias} must have three booleans (q, k, v)")
+        if self.rope_theta is not None:
+            _require((self.hidden_dim // self.n_heads) % 4 == 0,
+                     f"vision head_dim={self.hidden_dim // self.n_heads} must be a multiple of 4 for 2-D RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.n_heads
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        """CLS and register tokens that precede the patch tokens (dropped before the projector)."""
+        return int(self.use_cls) + self.n_registers
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side at the training resolution."""
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class LanguageConfig(_Config):
+    """A decoder LM. One class serves Llama/SmolLM2 and Gemma-3 through feature flags, never through names.
+
+    Gemma-3 = embed_scale + norm_unit_offset + qk_norm + post_norms + act="gelu_tanh" + sliding-window local layers
+    (`layer_types`) with their own RoPE base (`rope_local_theta`) + `query_pre_attn_scalar`.
+    """
+
+    hub_id: str | None = None
+    tokenizer: str | None = None  # Hub id, local directory or "builtin:tiny"; None means hub_id
+    vocab_size: int = 49152  # the backbone's own vocabulary (rows of its embedding)
+    extra_vocab_size: int = 0  # rows added for the VLM's extra tokens
+    hidden_dim: int = 576
+    intermediate_dim: int = 1536
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    head_dim_override: int | None = None  # Gemma: 256 whatever hidden_dim is
+    max_position_embeddings: int = 8192
+    rope_theta: float = 100000.0
+    rope_local_theta: float | None = None  # RoPE base of sliding-window layers (Gemma-3: 10000)
+    rope_scaling_factor: float = 1.0  # linear position scaling of global layers
+    rms_norm_eps: float = 1e-5
+    norm_unit_offset: bool = False  # RMSNorm multiplies by (1 + w) (Gemma)
+    qk_norm: bool = False  # RMSNorm on queries and keys per head (Gemma-3)
+    post_norms: bool = False  # norms after attention and after the MLP too (Gemma-3: four per layer)
+    embed_scale: bool = False  # token embeddings multiplied by sqrt(hidden_dim) (Gemma)
+    act: Literal["silu", "gelu_tanh"] = "silu"
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # per layer "full_attention" | "sliding_attention"; None = all full
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5; None means head_dim
+    tie_embeddings: bool = True
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_dim", "intermediate_dim", "n_layers", "n_heads", "n_kv_heads"):
+            _require(getattr(self, name) > 0, f"language.{name}={getattr(self, name)} must be positive")
+        _require(self.extra_vocab_size >= 0, f"language.extra_vocab_size={self.extra_vocab_size} must be >= 0")
+        if self.head_dim_override is None:
+            _require(self.hidden_dim % self.n_heads == 0,
+                     f"language.n_heads={self.n_heads} does not divide language.hidden_dim={self.hidden_dim}; "
+                     "choose a head count that divides the hidden size or set head_dim_override")
+        _require(self.n_heads % self.n_kv_heads == 0,
+                 f"language.n_kv_heads={self.n_kv_heads} does not divide language.n_heads={self.n_heads}")
+        _require(self.head_dim % 2 == 0, f"language head_dim={self.head_dim} must be even for RoPE")
+        if self.layer_types is not None:
+            _require(len(self.layer_types) == self.n_layers,
+                     f"language.layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}")
+            bad = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+            _require(not bad, f"language.layer_types has unknown type(s) {bad}; "
+                              "use 'full_attention' or 'sliding_attention'")
+            if "sliding_attention" in self.layer_types:
+                _require(self.sliding_window is not None and self.sliding_window > 0,
+                         "language.layer_types has sliding layers but language.sliding_window is not set")
+
+    @property
+    def head_dim(self) -> int:
+        return self.head_dim_override or self.hidden_dim // self.n_heads
+
+    @property
+    def total_vocab_size(self) -> int:
+        return self.vocab_size + self.extra_vocab_size
+
+    @property
+    def tokenizer_source(self) -> str | None:
+        return self.tokenizer or self.hub_id
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+
+
+@dataclass(frozen=True)
+class ProjectorConfig(_Config):
+    """Pixel shuffle (space-to-depth by `pixel_shuffle_factor`) followed by one linear layer."""
+
+    pixel_shuffle_factor: int = 4
+
+    def __post_init__(self) -> None:
+        _require(self.pixel_shuffle_factor >= 1,
+                 f"projector.pixel_shuffle_factor={self.pixel_shuffle_factor} must be >= 1")
+
+
+@dataclass(frozen=True)
+class ImageConfig(_Config):
+    """How an image becomes pixel tensors; saved with the model because it changes what the model computes.
+
+    - "fixed": resize to tile_size x tile_size (SigLIP, DINOv2, upstream nanoVLM).
+    - "tiles": aspect-aware resize to a multiple of tile_size (longest side <= max_side), split into up to
+      max_grid x max_grid tiles, plus a global view resized to tile_size (SmolVLM style).
+    - "aspect": aspect-preserving resize with the longest side <= max_side and both sides multiples of
+      `multiple_of`, encoded as one rectangular patch grid (DINOv3).
+    `mean`/`std` None means `ToTensor()` only (pixels in [0, 1]), as in upstream nanoVLM checkpoints.
+    """
+
+    mode: ResizeMode = "fixed"
+    tile_size: int = 224
+    max_side: int = 2048
+    max_grid: int = 8
+    global_view: bool = True
+    multiple_of: int = 64
+    mean: tuple[float, float, float] | None = SIGLIP_MEAN
+    std: tuple[float, float, float] | None = SIGLIP_STD
+
+    def __post_init__(self) -> None:
+        _require(self.mode in ("fixed", "tiles", "aspect"),
+                 f"image.mode={self.mode!r} is not one of fixed, tiles, aspect")
+        _require(self.tile_size > 0 and self.max_side > 0 and self.max_grid > 0 and self.multiple_of > 0,
+                 "image.tile_size, image.max_side, image.max_grid and image.multiple_of must be positive")
+        _require((self.mean is None) == (self.std is None), "image.mean and image.std must both be set or both None")
+        if self.std is not None:
+            _require(all(s > 0 for s in self.std), f"image.std={self.std} must be positive")
+
+
+@dataclass(frozen=True)
+class VLMConfig(_Config):
+    """The whole model: vision encoder -> projector -> decoder, the image processing and the chat template."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    chat_template: Literal["chatml", "gemma", "plain"] = "chatml"
+    image_token: str = "<|image|>"
+    global_image_token: str = "<|global_image|>"
+    max_images_per_sample: int = 8
+    source_format: Literal["nanovlm", "upstream"] = "nanovlm"
+
+    def __post_init__(self) -> None:
+        _require(self.chat_template in ("chatml", "gemma", "plain"),
+                 f"chat_template={self.chat_template!r} is not one of chatml, gemma, plain")
+        factor = self.projector.pixel_shuffle_factor
+        if self.image.mode in ("fixed", "tiles"):
+            grid = self.image.tile_size // self.vision.patch_size
+            _require(self.image.tile_size % self.vision.patch_size == 0,
+                     f"image.tile_size={self.image.tile_size} is not a multiple of "
+                     f"vision.patch_size={self.vision.patch_size}")
+            _require(grid % factor == 0,
+                     f"projector.pixel_shuffle_factor={factor} does not divide the {grid}x{grid} patch grid of a "
+                     f"{self.image.tile_size}px tile with patch {self.vision.patch_size}; pick a factor dividing {grid}")
+        else:
+            unit = self.vision.patch_size * factor
+            _require(self.image.multiple_of % unit == 0,
+                     f"image.multiple_of={self.image.multiple_of} must be a multiple of patch_size*pixel_shuffle="
+                     f"{unit} so every grid divides by the pixel-shuffle factor")
+        _require(self.language.extra_vocab_size >= len(self.extra_tokens),
+                 f"language.extra_vocab_size={self.language.extra_vocab_size} is smaller than the "
+                 f"{len(self.extra_tokens)} extra image tokens; set it to at least {len(self.extra_tokens)}")
+        _require(self.max_images_per_sample > 0, "max_images_per_sample must be positive")
+
+    @property
+    def image_tokens_per_tile(self) -> int:
+        """Projected tokens for one tile (fixed/tiles modes)."""
+        grid = self.image.tile_size // self.vision.patch_size
+        return (grid // self.projector.pixel_shuffle_factor) ** 2
+
+    @property
+    def tile_tokens(self) -> list[str]:
+        """`<row_i_col_j>` markers for every tile position, 1-based as in nanoVLM/SmolVLM."""
+        if self.image.mode != "tiles":
+            return []
+        n = self.image.max_grid
+        return [f"<row_{i}_col_{j}>" for i in range(1, n + 1) for j in range(1, n + 1)]
+
+    @property
+    def extra_tokens(self) -> list[str]:
+        """Tokens added to the tokenizer (once), in id order."""
+        return [self.image_token, self.global_image_token, *self.tile_tokens]
+
+    def n_params_estimate(self) -> int:
+        """Parameter count from the config alone (for `--dry-run`; exact for our architectures)."""
+        v, l = self.vision, self.language
+        mlp_v = (3 if v.gated_mlp else 2) * v.hidden_dim * v.intermediate_dim
+        vision = v.n_layers * (4 * v.hidden_dim * v.hidden_dim + mlp_v) + 3 * v.patch_size**2 * v.hidden_dim
+        if v.rope_theta is None:
+            vision += v.grid_size**2 * v.hidden_dim
+        proj = v.hidden_dim * self.projector.pixel_shuffle_factor**2 * l.hidden_dim
+        attn = l.hidden_dim * l.head_dim * (2 * l.n_heads + 2 * l.n_kv_heads)
+        language = l.n_layers * (attn + 3 * l.hidden_dim * l.intermediate_dim)
+        language += l.total_vocab_size * l.hidden_dim * (1 if l.tie_embeddings else 2)
+        return vision + proj + language
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Config):
+    """Everything about a training run that does not change what the model computes."""
+
+    dataset: str = "shapes"  # "shapes", a Hub id, a save_to_disk dir, parquet/jsonl files or LLaVA JSON
+    dataset_config: str | None = None  # comma-separated subsets of a Hub dataset
+    split: str = "train"
+    stream: bool = False
+    image_root: str | None = None
+    min_rating: int | None = None
+    dataset_size: int = 20000  # samples of the built-in shapes dataset
+    output_dir: str = "runs"
+    run_name: str | None = None
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000
+    max_seq_len: int = 1024
+    max_images_per_row: int = 16
+    packing: bool = True
+    lr_mp: float = 2e-3
+    lr_vision: float = 5e-5
+    lr_language: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    freeze_vision_encoder: bool = False
+    freeze_projector: bool = False
+    freeze_language_model: bool = False
+    save_checkpoint_steps: int = 500
+    keep_last_checkpoints: int = 2
+    validation_steps: int = 250
+    validation_batches: int = 8
+    eval_interval: int = 0  # run the shapes/MMStar-style eval every N steps (0: only at the end if supported)
+    eval_size: int = 200
+    console_log_interval: int = 20
+    resume: str | None = None
+    report_to: Literal["none", "wandb", "tensorboard"] = "none"
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    hf_repo_name: str | None = None
+    num_workers: int = 0
+    max_threads: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    max_nonfinite_steps: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "max_seq_len",
+                     "save_checkpoint_steps", "validation_steps", "console_log_interval", "max_images_per_row"):
+            _require(getattr(self, name) > 0, f"train.{name}={getattr(self, name)} must be positive")
+        for name in ("lr_mp", "lr_vision", "lr_language", "weight_decay"):
+            _require(getattr(self, name) >= 0 and math.isfinite(getattr(self, name)),
+                     f"train.{name}={getattr(self, name)} must be a finite number >= 0")
+        _require(0 <= self.warmup_ratio < 1, f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        _require(self.num_workers >= 0, f"train.num_workers={self.num_workers} must be >= 0")
+        _require(self.report_to in ("none", "wandb", "tensorboard"),
+                 f"train.report_to={self.report_to!r} is not one of none, wandb, tensorboard")
+        _require(self.keep_last_checkpoints >= 1, "train.keep_last_checkpoints must be >= 1")
+        _require(not (self.freeze_vision_encoder and self.freeze_projector and self.freeze_language_model),
+                 "every part of the model is frozen; unfreeze at least one of vision, projector, language")
+
+
+_SUBCONFIGS: dict[tuple[str, str], type[_Config]] = {
+    ("VLMConfig", "vision"): VisionConfig,
+    ("VLMConfig", "language"): LanguageConfig,
+    ("VLMConfig", "projector"): ProjectorConfig,
+    ("VLMConfig", "image"): ImageConfig,
+}
+
+
+def load_json_config(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or TOML file of config fields (for `--config run.toml`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing .json or .toml file")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config file {path} does not parse: {exc}; fix its syntax") from exc
