@@ -1,0 +1,102 @@
+"""Finding and reading model files: a Hub id or a local directory through one code path.
+
+`resolve_source` returns a local directory for either (the Hub goes through huggingface_hub's cache, so
+`HF_HUB_OFFLINE=1` works with whatever is cached); `read_safetensors` reads single-file or sharded weights.
+Weights are safetensors only: we never unpickle a weights file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from nanovlm_cli.errors import CheckpointError
+
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "README.md"]
+
+
+def resolve_source(source: str | Path, allow_patterns: list[str] | None = None) -> Path:
+    """A local directory holding `source`: the directory itself, or a snapshot of the Hub repo `source`."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{source} is a file, not a checkpoint directory; pass the directory that holds it")
+    text = str(source)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or not text.strip():
+        raise CheckpointError(f"checkpoint directory {source} does not exist; check the path")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=allow_patterns or WEIGHT_PATTERNS))
+    except Exception as exc:  # huggingface_hub raises many types: offline, 404, gated, network
+        raise CheckpointError(
+            f"could not get {source!r} from the Hugging Face Hub ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "check the repo id, your network and HF_TOKEN, or pass a local directory"
+        ) from exc
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path.name} is missing from {path.parent}; the checkpoint is incomplete")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); re-save the checkpoint") from exc
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a directory: `model.safetensors` or the shards named by its index."""
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+        return [directory / s for s in shards]
+    found = sorted(directory.glob("*.safetensors"))
+    if found:
+        return found
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise CheckpointError(
+            f"{directory} holds only pickled weights (.bin/.pt), which we never load; convert them to safetensors"
+        )
+    raise CheckpointError(f"no model.safetensors in {directory}; the checkpoint is incomplete")
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's safetensors file(s), on the CPU."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(directory):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as exc:  # safetensors raises SafetensorError / OSError on truncation
+            raise CheckpointError(f"{file} cannot be read ({exc}); the file is truncated or corrupt, re-download it") from exc
+    return tensors
+
+
+def check_and_copy(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into `model` after checking that every key and every shape match (nothing is copied otherwise)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                              + "; the checkpoint does not match this architecture")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]}"
+                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+                              + "; the checkpoint does not match this architecture")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(tensor.shape)}, expected "
+                                  f"{tuple(expected[key].shape)}; the config and the weights disagree")
+    with torch.no_grad():
+        for key, tensor in state.items():
+            expected[key].copy_(tensor)
