@@ -9,8 +9,27 @@ are fine: the model groups equal shapes when it encodes them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Union
 
 import torch
+
+# An image before decoding: a path, raw bytes, a PIL image, or a dict {"bytes": ..., "path": ...} as `datasets` stores it.
+ImageSource = Union[str, bytes, Any]
+
+
+@dataclass
+class Record:
+    """One conversation as every dataset adapter yields it, before tokenisation.
+
+    `messages` follow the Hugging Face chat format: {"role": "system" | "user" | "assistant", "content": str | parts},
+    where parts is a list of {"type": "text", "text": str} and {"type": "image"}. The k-th {"type": "image"} part
+    is `images[k]`. Only these parts create image slots: an image-token string typed in text stays text.
+    """
+
+    messages: list[dict[str, Any]]
+    images: list[ImageSource] = field(default_factory=list)
+    source_index: int = -1
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. {"category": ..., "answer": ...} for evaluation
 
 
 @dataclass
