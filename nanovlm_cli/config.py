@@ -92,8 +92,8 @@ class VisionConfig(_Config):
     n_layers: int = 12
     n_heads: int = 12
     layer_norm_eps: float = 1e-6
-    act: Literal["gelu_tanh", "gelu"] = "gelu_tanh"
-    gated_mlp: bool = False  # SwiGLU MLP (DINOv3 "plus" sizes)
+    act: Literal["gelu_tanh", "gelu", "silu"] = "gelu_tanh"  # "silu" with gated_mlp is SwiGLU
+    gated_mlp: bool = False  # gated MLP down(act(gate(x)) * up(x)) (DINOv3 "plus" sizes)
     use_cls: bool = False  # a CLS token is prepended (DINOv2, DINOv3)
     n_registers: int = 0  # register tokens after CLS (DINOv3: 4)
     layer_scale: bool = False  # per-channel LayerScale on both residual branches (DINO)
@@ -112,6 +112,9 @@ class VisionConfig(_Config):
         _require(self.image_size % self.patch_size == 0,
                  f"vision.image_size={self.image_size} is not a multiple of vision.patch_size={self.patch_size}")
         _require(len(self.qkv_bias) == 3, f"vision.qkv_bias={self.qkv_bias} must have three booleans (q, k, v)")
+        _require(self.act in ("gelu_tanh", "gelu", "silu"),
+                 f"vision.act={self.act!r} is not one of gelu_tanh, gelu, silu")
+        _require(self.n_registers >= 0, f"vision.n_registers={self.n_registers} must be >= 0")
         if self.rope_theta is not None:
             _require((self.hidden_dim // self.n_heads) % 4 == 0,
                      f"vision head_dim={self.hidden_dim // self.n_heads} must be a multiple of 4 for 2-D RoPE")
@@ -258,6 +261,7 @@ class VLMConfig(_Config):
     image_token: str = "<|image|>"
     global_image_token: str = "<|global_image|>"
     max_images_per_sample: int = 8
+    image_token_id: int | None = None  # set from the tokenizer when the model is built; saved with the model
     source_format: Literal["nanovlm", "upstream"] = "nanovlm"
 
     def __post_init__(self) -> None:
