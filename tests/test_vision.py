@@ -96,9 +96,9 @@ def test_full_siglip_model_directory_loads_vision_tower(tmp_path):
     torch.manual_seed(3)
     config = SiglipConfig(
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                           "image_size": 32, "patch_size": 8},
+                       "image_size": 32, "patch_size": 8},
         text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-                         "vocab_size": 100, "bos_token_id": None, "eos_token_id": None, "pad_token_id": 1},
+                     "vocab_size": 100, "bos_token_id": None, "eos_token_id": None, "pad_token_id": 1},
     )
     hf = SiglipModel(config)
     ours = load_vision_backbone(_save(hf, tmp_path))
