@@ -306,7 +306,7 @@ class VLMConfig(_Config):
         return [self.image_token, self.global_image_token, *self.tile_tokens]
 
     def n_params_estimate(self) -> int:
-        """Parameter count from the config alone (for `--dry-run`; exact for our architectures)."""
+        """Approximate parameter count from the config alone (for `--dry-run`; ignores biases, norms, CLS/registers)."""
         v, l = self.vision, self.language
         mlp_v = (3 if v.gated_mlp else 2) * v.hidden_dim * v.intermediate_dim
         vision = v.n_layers * (4 * v.hidden_dim * v.hidden_dim + mlp_v) + 3 * v.patch_size**2 * v.hidden_dim

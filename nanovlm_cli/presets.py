@@ -46,7 +46,7 @@ DINOV3_MODELS: dict[str, VisionConfig] = {
     ),
     "vits16plus": VisionConfig(
         kind="dinov3", hub_id="facebook/dinov3-vits16plus-pretrain-lvd1689m", hidden_dim=384, intermediate_dim=1536,
-        n_heads=6, act="gelu", gated_mlp=True, use_cls=True, n_registers=4, layer_scale=True, rope_theta=100.0,
+        n_heads=6, act="silu", gated_mlp=True, use_cls=True, n_registers=4, layer_scale=True, rope_theta=100.0,
         layer_norm_eps=1e-5, qkv_bias=(True, False, True),
     ),
     "vitb16": VisionConfig(
