@@ -1,0 +1,304 @@
+"""The decoder language model: one class for Llama/SmolLM2 and Gemma-3, chosen by `LanguageConfig` flags.
+
+Gemma-3 differs from Llama only through named flags (never through the model's name): (1 + w) RMSNorm computed
+in fp32, per-head q/k norms, norms before *and* after attention and MLP, GELU-tanh gating, embeddings scaled by
+sqrt(hidden_dim), a custom attention scale, and sliding-window local layers with their own RoPE base.
+
+Main design choice: attention masks are built once per forward (one for full layers, one for sliding layers) from
+`segment_ids` and the cache offset, and shared by every layer; when no mask is needed, SDPA runs with
+`is_causal=True` (never a mask and `is_causal` together). RoPE cos/sin tables are precomputed buffers indexed by
+`position_ids`, so positions that restart per packed sample or start after left padding cost nothing extra.
+
+Worked example of the mask (segment_ids = [1, 1, 2, 2, 0], sliding_window = 2; x = may attend):
+
+    query\\key  0 1 2 3 4          full layers       sliding layers drop key j when i - j >= 2
+        0      x . . . .          sample 1          (same here: each sample is only 2 long)
+        1      x x . . .
+        2      . . x . .          sample 2 restarts: position_ids = [0, 1, 0, 1, 0]
+        3      . . x x .
+        4      . . . . x          padding attends only to itself, so nothing is NaN
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import LongTensor, Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from nanovlm_cli.config import LanguageConfig
+from nanovlm_cli.errors import DataError, GenerationError
+from nanovlm_cli.models.kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in fp32. Llama: w * norm(x).to(dtype); Gemma (`unit_offset`): (norm(x) * (1 + w)).to(dtype)."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool) -> None:
+        super().__init__()
+        self.eps = eps
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * normed.type_as(x)
+
+
+class RotaryTables(nn.Module):
+    """cos/sin of RoPE for every position up to max_position_embeddings, as non-persistent buffers.
+
+    Tables hold half the head dimension (the two rotated halves share frequencies, HF's rotate_half layout).
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling_factor: float = 1.0) -> None:
+        super().__init__()
+        self.head_dim, self.max_positions = head_dim, max_positions
+        self.theta, self.scaling_factor = theta, scaling_factor
+        self.register_buffer("cos", torch.empty(max_positions, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, head_dim // 2), persistent=False)
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """(Re)compute the tables in fp32 on their device, then store them in the buffers' dtype."""
+        device = self.cos.device
+        if device.type == "meta":
+            return
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
+        inv_freq = inv_freq / self.scaling_factor  # linear scaling, as HF's "linear" rope_type
+        freqs = torch.arange(self.max_positions, device=device).float()[:, None] * inv_freq[None, :]  # (P, Dh/2)
+        self.cos.copy_(freqs.cos())
+        self.sin.copy_(freqs.sin())
+
+    def forward(self, position_ids: LongTensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        cos = self.cos[position_ids].to(dtype).unsqueeze(1)  # (B, 1, T, Dh/2)
+        sin = self.sin[position_ids].to(dtype).unsqueeze(1)  # (B, 1, T, Dh/2)
+        return cos, sin
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, T, Dh) by the angle tables (B, 1, T, Dh/2); same arithmetic as HF's rotate_half."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, Dh/2) each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, H, T, Dh)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE, optional per-head q/k RMSNorm, through SDPA."""
+
+    def __init__(self, cfg: LanguageConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        d, bias = cfg.hidden_dim, cfg.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset) if cfg.qk_norm else None
+        self.scale = (cfg.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None
+    ) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)  # (B, T, H, Dh)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, Dh)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, Dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, Dh)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, H_kv, T, Dh)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)  # (B, H_kv, S, Dh) each
+        y = self._sdpa(q, k, v, mask)  # (B, H, T, Dh)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        b, h, t, dh = q.shape
+        groups = self.n_heads // self.n_kv_heads
+        if mask is None:
+            # No mask means either plain causal self-attention (T == S) or one query over the whole cache.
+            return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=self.scale, enable_gqa=groups > 1)
+        if groups == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        if t == 1:
+            # Decode step: the query heads of one kv head become `groups` queries of it, so no key copy is needed
+            # and the (B, 1, 1, S) mask still broadcasts (the mask is shared by all heads).
+            y = F.scaled_dot_product_attention(q.view(b, self.n_kv_heads, groups, dh), k, v, attn_mask=mask,
+                                               scale=self.scale)  # (B, H_kv, groups, Dh)
+            return y.view(b, h, 1, dh)
+        # Masked GQA falls back to the math kernel on CUDA with enable_gqa; repeating keys keeps fused kernels.
+        k = k[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, h, -1, dh)  # (B, H, S, Dh)
+        v = v[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, h, -1, dh)  # (B, H, S, Dh)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)), act SiLU (Llama) or GELU-tanh (Gemma)."""
+
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_dim, cfg.intermediate_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_dim, cfg.intermediate_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_dim, cfg.hidden_dim, bias=False)
+        self.gelu = cfg.act == "gelu_tanh"
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.gate_proj(x)  # (B, T, I)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))  # (B, T, D)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; with `post_norms` the attention and MLP outputs are normed too (Gemma-3)."""
+
+    def __init__(self, cfg: LanguageConfig, layer: int) -> None:
+        super().__init__()
+        eps, off = cfg.rms_norm_eps, cfg.norm_unit_offset
+        self.sliding = cfg.is_sliding(layer)
+        self.attn_norm = RMSNorm(cfg.hidden_dim, eps, off)
+        self.attn = Attention(cfg, layer)
+        self.post_attn_norm = RMSNorm(cfg.hidden_dim, eps, off) if cfg.post_norms else None
+        self.mlp_norm = RMSNorm(cfg.hidden_dim, eps, off)
+        self.mlp = MLP(cfg)
+        self.post_mlp_norm = RMSNorm(cfg.hidden_dim, eps, off) if cfg.post_norms else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None) -> Tensor:
+        h = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache)  # (B, T, D)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))  # (B, T, D)
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h
+
+
+class LanguageModel(nn.Module):
+    """Token embedding -> decoder blocks -> final norm; `logits()` applies the (possibly tied) output head."""
+
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gradient_checkpointing = False
+        self.embed_tokens = nn.Embedding(cfg.total_vocab_size, cfg.hidden_dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_dim, cfg.total_vocab_size, bias=False)
+        self.rope = RotaryTables(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling_factor)
+        self.has_sliding = any(cfg.is_sliding(i) for i in range(cfg.n_layers))
+        self.rope_local = None
+        if self.has_sliding and cfg.rope_local_theta is not None:
+            self.rope_local = RotaryTables(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_local_theta)
+        # HF Gemma multiplies by the scale cast to the embedding dtype (sqrt(640) becomes 25.25 in bf16): match it.
+        self.register_buffer("embed_scale", torch.tensor(math.sqrt(cfg.hidden_dim)), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """From-scratch init: normal(0, 0.02) weights, zero biases, norm weights 1 (0 with the unit offset)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.zeros_(module.weight) if module.unit_offset else nn.init.ones_(module.weight)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent buffers (after `to_empty` from the meta device)."""
+        self.rope.reset()
+        if self.rope_local is not None:
+            self.rope_local.reset()
+        if self.embed_scale.device.type != "meta":
+            self.embed_scale.fill_(math.sqrt(self.cfg.hidden_dim))
+
+    @property
+    def output_weight(self) -> Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # (V, D)
+
+    def embed(self, input_ids: LongTensor) -> Tensor:
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        if self.cfg.embed_scale:
+            x = x * self.embed_scale.to(x.dtype)
+        return x
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return F.linear(hidden, self.output_weight)  # (..., V)
+
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        position_ids: LongTensor,
+        *,
+        segment_ids: LongTensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        b, t, _ = inputs_embeds.shape
+        pos = 0
+        if kv_cache is not None:
+            if kv_cache.batch_size != b:
+                raise GenerationError(f"KV cache has batch size {kv_cache.batch_size} but the input has {b} rows; "
+                                      "allocate the cache for this batch (or use repeat_batch)")
+            kv_cache.check_room(t)
+            pos = kv_cache.pos
+        if tuple(position_ids.shape) != (b, t):
+            raise DataError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(b, t)}")
+        if segment_ids is not None and tuple(segment_ids.shape) != (b, pos + t):
+            raise DataError(f"segment_ids has shape {tuple(segment_ids.shape)}, expected (batch, slots after this "
+                            f"call) = {(b, pos + t)}")
+        full_mask, sliding_mask = self._masks(t, pos, segment_ids, inputs_embeds.device)
+        cos, sin = self.rope(position_ids, inputs_embeds.dtype)
+        cos_l, sin_l = self.rope_local(position_ids, inputs_embeds.dtype) if self.rope_local is not None else (cos, sin)
+        use_checkpoint = self.gradient_checkpointing and self.training and kv_cache is None
+        x = inputs_embeds
+        for block in self.blocks:
+            args = (cos_l, sin_l, sliding_mask) if block.sliding else (cos, sin, full_mask)
+            if use_checkpoint:
+                x = checkpoint(block, x, *args, None, use_reentrant=False)
+            else:
+                x = block(x, *args, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(t)
+        return self.norm(x)  # (B, T, D)
+
+    def _masks(
+        self, t: int, pos: int, segment_ids: LongTensor | None, device: torch.device
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Boolean masks (True = attend) for full and sliding layers, or None where SDPA needs none.
+
+        None is returned only when the layer's attention is exactly causal over T == S slots (`is_causal=True`)
+        or a single query over every cached slot.
+        """
+        s = pos + t
+        window = self.cfg.sliding_window
+        full_needs = segment_ids is not None or (pos > 0 and t > 1)
+        sliding_needs = self.has_sliding and (full_needs or s > window)
+        if not full_needs and not sliding_needs:
+            return None, None
+        q_slot = torch.arange(pos, s, device=device)  # (T,)
+        k_slot = torch.arange(s, device=device)  # (S,)
+        allowed = k_slot[None, :] <= q_slot[:, None]  # (T, S)
+        if segment_ids is not None:
+            seg_k = segment_ids[:, None, :]  # (B, 1, S)
+            seg_q = segment_ids[:, pos:, None]  # (B, T, 1)
+            allowed = allowed & (seg_q == seg_k) & (seg_k != 0)  # (B, T, S)
+            allowed = allowed | (k_slot[None, :] == q_slot[:, None])  # a padding query attends to itself
+        else:
+            allowed = allowed[None]  # (1, T, S)
+        full = allowed[:, None] if full_needs else None  # (B|1, 1, T, S)
+        sliding = None
+        if sliding_needs:
+            in_window = (q_slot[:, None] - k_slot[None, :]) < window  # (T, S), HF: kv > q - window
+            sliding = (allowed & in_window)[:, None]  # (B|1, 1, T, S)
+        return full, sliding
