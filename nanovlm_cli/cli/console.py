@@ -1,0 +1,132 @@
+"""Terminal output for the CLI: results to stdout, logs / progress / errors to stderr.
+
+Two Rich consoles split the streams so `nanovlm generate ... > answer.txt` or `--json | jq` pipe cleanly while
+progress and logs stay on the terminal. Also home of the small helpers every command shares: JSON rendering
+of library results, the one-line error, and `library_function`, which finds the library function a command
+calls and reports the command as "not yet implemented" (exit 2) while that function does not exist yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.table import Table
+
+out = Console(highlight=False)  # results
+err = Console(stderr=True, highlight=False)  # progress, logs, errors
+
+NOT_IMPLEMENTED_EXIT_CODE = 2
+
+
+def setup_logging(debug: bool) -> None:
+    """Route `logging` (the library logs, never prints) to stderr through Rich; DEBUG level with --debug."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_nanovlm", False):
+            root.removeHandler(handler)
+    handler = RichHandler(console=err, show_path=debug, rich_tracebacks=False, markup=False)
+    handler._nanovlm = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def print_error(message: str) -> None:
+    """One red line on stderr: `error: <message>`."""
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+
+
+def not_implemented(command: str) -> None:
+    """Stop a command whose library function does not exist yet (exit code 2)."""
+    err.print(f"nanovlm {command}: not yet implemented", soft_wrap=True, markup=False)
+    raise typer.Exit(NOT_IMPLEMENTED_EXIT_CODE)
+
+
+def library_function(module: str, name: str, command: str) -> Callable[..., Any]:
+    """`module.name`, or exit 2 "not yet implemented" when that module or function is not written yet.
+
+    Only the absence of `module` itself (or of `name` in it) counts as "not implemented": an import error
+    raised *inside* an existing module is a real bug and propagates with its traceback.
+    """
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (exc.name == module or module.startswith(exc.name + ".")):
+            not_implemented(command)
+        raise
+    fn = getattr(mod, name, None)
+    if fn is None:
+        not_implemented(command)
+    return fn  # type: ignore[return-value]
+
+
+def to_jsonable(value: Any) -> Any:
+    """Library results -> JSON-safe data (`to_dict()`, dataclasses, paths, tuples, mappings)."""
+    if hasattr(value, "to_dict") and callable(value.to_dict):
+        return to_jsonable(value.to_dict())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def print_json(value: Any) -> None:
+    """Machine-readable result on stdout (plain JSON: no colours, no wrapping)."""
+    sys.stdout.write(json.dumps(to_jsonable(value), indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"vision": {"n_layers": 3}} -> {"vision.n_layers": 3}."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def mapping_table(title: str, data: Mapping[str, Any]) -> Table:
+    """A two-column field/value table of (flattened) `data`."""
+    table = Table(title=title, title_justify="left", show_header=True, header_style="bold")
+    table.add_column("field", style="cyan", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for key, value in flatten(to_jsonable(data)).items():
+        table.add_row(key, escape(json.dumps(value) if not isinstance(value, str) else value))
+    return table
+
+
+def print_result(value: Any, *, as_json: bool, title: str = "result") -> None:
+    """Render a library result: JSON with --json, else a table (mappings) or plain text."""
+    if as_json:
+        print_json(value)
+        return
+    data = to_jsonable(value)
+    if isinstance(data, Mapping):
+        out.print(mapping_table(title, data))
+    elif isinstance(data, list) and all(isinstance(v, str) for v in data):
+        for text in data:
+            out.print(text, markup=False, soft_wrap=True)
+    else:
+        out.print(data if isinstance(data, str) else json.dumps(data, indent=2), markup=False, soft_wrap=True)

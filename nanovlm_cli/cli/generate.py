@@ -1,0 +1,59 @@
+"""`nanovlm generate`: answer a prompt about one or more images with a checkpoint.
+
+Thin layer: check the inputs exist (fast, before any model loads), call the library's generation function,
+print the answers (stdout) or JSON. Sampling settings are passed through untouched; `--greedy` overrides them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nanovlm_cli.cli.console import library_function, print_json, out
+from nanovlm_cli.cli.options import DEFAULT_CHECKPOINT, CheckpointOpt, DeviceOpt, DType, JsonOpt
+from nanovlm_cli.errors import ImageError
+
+
+def generate(
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="Image file to ask about.")],
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="The question or instruction.")],
+    checkpoint: CheckpointOpt = DEFAULT_CHECKPOINT,
+    extra_images: Annotated[list[Path] | None, typer.Option(
+        "--image", metavar="IMAGE", help="Another image for the same prompt (repeatable).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate at most.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0,
+                                               help="Sampling temperature (0 means greedy).")] = 0.5,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k most likely tokens (0: all).")] = 50,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0,
+                                         help="Nucleus sampling: smallest set with this probability mass.")] = 0.9,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Always pick the most likely token.")] = False,
+    num_generations: Annotated[int, typer.Option("--num-generations", "-n", min=1,
+                                                 help="Independent answers to sample.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed of the sampler.")] = 0,
+    device: DeviceOpt = "auto",
+    dtype: Annotated[DType, typer.Option("--dtype", help="Weights dtype: auto, float32, bfloat16, float16.")] = "auto",
+    json_output: JsonOpt = False,
+) -> None:
+    """Answer PROMPT about IMAGE (and any --image) with a checkpoint."""
+    images = [image, *(extra_images or [])]
+    for path in images:
+        if not path.is_file():
+            raise ImageError(f"image {path} does not exist; pass the path of an image file")
+
+    # TODO(generation): provide nanovlm_cli.generation.generate_from_checkpoint(...) -> list[str].
+    generate_from_checkpoint = library_function("nanovlm_cli.generation", "generate_from_checkpoint", "generate")
+    answers = generate_from_checkpoint(
+        checkpoint, [str(p) for p in images], prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, greedy=greedy, num_generations=num_generations, seed=seed, device=device,
+        dtype=dtype,
+    )
+    if json_output:
+        print_json({"checkpoint": checkpoint, "images": [str(p) for p in images], "prompt": prompt,
+                    "generations": list(answers)})
+        return
+    for i, answer in enumerate(answers):
+        if len(answers) > 1:
+            out.print(f"[bold]>> generation {i + 1}[/]")
+        out.print(answer, markup=False, soft_wrap=True)
