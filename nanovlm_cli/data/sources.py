@@ -1,0 +1,483 @@
+"""Dataset adapters: every dataset users have -> one stream of lazy `Record`s.
+
+`open_source(spec)` accepts the built-in "shapes" set, a Hub dataset id (several comma-separated configs), a local
+`save_to_disk` directory, parquet files or directories, jsonl files and LLaVA-style JSON. The schema is detected per
+row (the_cauldron / FineVision `texts`, LLaVA `conversations`, chat `messages`), so a mixture of schemas works.
+
+Main design choice: adapters never decode images and never drop rows silently. A map-style source (`len` +
+`getitem`) raises `RecordError` (a `DataError` with a `.reason`) for a row it cannot use, so whoever consumes it
+(the loader) counts the skip exactly when it consumes the row, which keeps skip counts exact across resumes. A
+streaming source yields rows in the stream's own order; `iter_rows(start)` hands the loader every row (records and
+errors) so positions and counts stay exact, and plain iteration skips bad rows and counts them in `skips`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Any, Protocol
+
+from nanovlm_cli.data.sample import ImageSource, Record
+from nanovlm_cli.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+# FineVision's per-turn quality ratings (1-5), one list entry per entry of `texts`.
+RATING_COLUMNS = ("relevance_ratings", "image_correspondence_ratings", "visual_dependency_ratings",
+                  "formatting_ratings")
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE_PLACEHOLDER = "<image>"
+SHAPES_DEFAULT_SIZE = 20000
+
+
+class RecordError(DataError):
+    """A row that cannot become a Record; `reason` is the skip-counter key ("missing_field", "low_rating", ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class SkipCounter:
+    """Skipped rows by reason. Thread-safe, mergeable, saveable (plain dict of ints) and summable across ranks."""
+
+    def __init__(self, counts: Mapping[str, int] | None = None) -> None:
+        self._counts: dict[str, int] = dict(counts or {})
+        self._lock = threading.Lock()
+
+    def add(self, reason: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[reason] = self._counts.get(reason, 0) + int(n)
+
+    def merge(self, other: SkipCounter | Mapping[str, int]) -> None:
+        for reason, n in (other.as_dict() if isinstance(other, SkipCounter) else other).items():
+            self.add(reason, n)
+
+    def __getitem__(self, reason: str) -> int:
+        return self._counts.get(reason, 0)
+
+    @property
+    def total(self) -> int:
+        return sum(self._counts.values())
+
+    def as_dict(self) -> dict[str, int]:
+        with self._lock:
+            return dict(sorted(self._counts.items()))
+
+    def state_dict(self) -> dict[str, int]:
+        return self.as_dict()
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        with self._lock:
+            self._counts = {str(k): int(v) for k, v in state.items()}
+
+    def all_reduced(self) -> SkipCounter:
+        """The counts summed over every rank (a collective: call it on all ranks); a copy when not distributed."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return SkipCounter(self.as_dict())
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, self.as_dict())
+        total = SkipCounter()
+        for counts in gathered:
+            total.merge(counts)
+        return total
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({self.as_dict()})"
+
+
+class RecordSource(Protocol):
+    """Map-style sources also have `__len__` and `__getitem__(i) -> Record` (raising RecordError)."""
+
+    def __iter__(self) -> Iterator[Record]: ...
+
+
+# ------------------------------------------------------------------ schemas: one row -> one Record
+
+
+def _resolve_image(item: Any, image_root: str | None) -> ImageSource:
+    """Paths are made absolute against `image_root`; bytes, PIL images and {"bytes", "path"} dicts stay as they are."""
+    if isinstance(item, dict) and item.get("bytes") is None and item.get("path"):
+        item = item["path"]
+    if isinstance(item, str) and image_root is not None and not os.path.isabs(item):
+        return os.path.join(image_root, item)
+    return item
+
+
+def _image_list(value: Any, image_root: str | None) -> list[ImageSource]:
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [_resolve_image(item, image_root) for item in items if item is not None]
+
+
+def _turn_rated_ok(row: Mapping[str, Any], turn: int, min_rating: int | None) -> bool:
+    if min_rating is None:
+        return True
+    for column in RATING_COLUMNS:
+        ratings = row.get(column)
+        rating = ratings[turn] if isinstance(ratings, (list, tuple)) and turn < len(ratings) else ratings
+        if isinstance(rating, (int, float)) and rating < min_rating:
+            return False
+    return True
+
+
+def _text(text: str) -> dict[str, str]:
+    return {"type": "text", "text": text}
+
+
+def _cauldron(row: Mapping[str, Any], index: int, image_root: str | None, min_rating: int | None) -> Record:
+    """the_cauldron / FineVision: `images` list + `texts` list of {"user", "assistant"}; images open the first turn."""
+    turns = row["texts"]
+    if not turns:
+        raise RecordError("missing_field", f"row {index}: 'texts' is empty; every row needs at least one turn")
+    kept = [i for i in range(len(turns)) if _turn_rated_ok(row, i, min_rating)]
+    if not kept:
+        raise RecordError("low_rating", f"row {index}: every turn is rated below min_rating={min_rating}")
+    images = _image_list(row.get("images"), image_root)
+    messages: list[dict[str, Any]] = []
+    for n, i in enumerate(kept):
+        turn = turns[i] or {}
+        user, assistant = turn.get("user"), turn.get("assistant")
+        if user is None or assistant is None:
+            raise RecordError("missing_field", f"row {index}: turn {i} lacks 'user' or 'assistant'")
+        image_parts = [{"type": "image"} for _ in images] if n == 0 else []
+        messages.append({"role": "user", "content": [*image_parts, _text(user)]})
+        messages.append({"role": "assistant", "content": [_text(assistant)]})
+    meta = {"source": row["source"]} if isinstance(row.get("source"), str) else {}
+    return Record(messages, images, index, meta)
+
+
+def _split_placeholders(value: str) -> list[dict[str, str]]:
+    """"<image>\\nWhat is it?" -> [image part, text part "What is it?"] (newlines next to a placeholder dropped)."""
+    pieces = value.split(IMAGE_PLACEHOLDER)
+    parts: list[dict[str, str]] = []
+    for k, piece in enumerate(pieces):
+        if k > 0:
+            parts.append({"type": "image"})
+        piece = piece.strip("\n") if len(pieces) > 1 else piece
+        if piece:
+            parts.append(_text(piece))
+    return parts
+
+
+def _llava(row: Mapping[str, Any], index: int, image_root: str | None) -> Record:
+    """LLaVA: `image` (a path or a list) + `conversations` of {"from", "value"} with "<image>" placeholders."""
+    conversations = row["conversations"]
+    if not conversations:
+        raise RecordError("missing_field", f"row {index}: 'conversations' is empty")
+    images = _image_list(row.get("image", row.get("images")), image_root)
+    messages = []
+    for i, turn in enumerate(conversations):
+        role, value = LLAVA_ROLES.get((turn or {}).get("from", "")), (turn or {}).get("value")
+        if role is None or value is None:
+            raise RecordError("missing_field", f"row {index}: conversation turn {i} lacks a known 'from' or a 'value'")
+        messages.append({"role": role, "content": _split_placeholders(value)})
+    meta = {"id": row["id"]} if isinstance(row.get("id"), (str, int)) else {}
+    return _attach_images(messages, images, index, meta)
+
+
+def _chat(row: Mapping[str, Any], index: int, image_root: str | None) -> Record:
+    """Plain chat: `messages` of {"role", "content"} (a string or parts) + `images` (or `image`), or inline images."""
+    messages, inline = [], []
+    for i, message in enumerate(row["messages"] or []):
+        role, content = (message or {}).get("role"), (message or {}).get("content")
+        if role is None or content is None:
+            raise RecordError("missing_field", f"row {index}: message {i} lacks 'role' or 'content'")
+        if isinstance(content, str):
+            messages.append({"role": role, "content": [_text(content)]})
+            continue
+        parts = []
+        for part in content:
+            if part.get("type") == "image":
+                parts.append({"type": "image"})
+                source = next((part[k] for k in ("image", "path", "url") if part.get(k) is not None), None)
+                if source is not None:
+                    inline.append(source)
+            elif part.get("text") is not None:
+                parts.append(_text(part["text"]))
+        messages.append({"role": role, "content": parts})
+    if not messages:
+        raise RecordError("missing_field", f"row {index}: 'messages' is empty")
+    images = _image_list(row.get("images", row.get("image")), image_root) or _image_list(inline, image_root)
+    return _attach_images(messages, images, index, {})
+
+
+def _attach_images(messages: list[dict[str, Any]], images: list[ImageSource], index: int,
+                   meta: dict[str, Any]) -> Record:
+    """Images without a slot in the text open the first user turn (LLaVA convention); extra slots are an error."""
+    n_slots = sum(part["type"] == "image" for m in messages for part in m["content"])
+    if n_slots > len(images):
+        raise RecordError("image_count_mismatch",
+                          f"row {index}: {n_slots} image placeholder(s) but {len(images)} image(s); fix the row")
+    missing = len(images) - n_slots
+    if missing:
+        first_user = next((m for m in messages if m["role"] == "user"), messages[0])
+        first_user["content"] = [{"type": "image"} for _ in range(missing)] + first_user["content"]
+    return Record(messages, images, index, meta)
+
+
+def row_to_record(row: Mapping[str, Any], index: int, *, image_root: str | None = None,
+                  min_rating: int | None = None) -> Record:
+    """Detect the row's schema and build a Record; raises RecordError (reason "missing_field", ...) otherwise."""
+    if not isinstance(row, Mapping):
+        raise RecordError("missing_field", f"row {index} is a {type(row).__name__}, not an object with fields")
+    if row.get("messages") is not None:
+        return _chat(row, index, image_root)
+    if row.get("conversations") is not None:
+        return _llava(row, index, image_root)
+    if row.get("texts") is not None:
+        return _cauldron(row, index, image_root, min_rating)
+    raise RecordError("missing_field", f"row {index} has none of 'messages', 'conversations', 'texts' "
+                                       f"(fields: {', '.join(map(str, row)) or 'none'})")
+
+
+Converter = Callable[[Mapping[str, Any], int], Record]
+
+
+# ------------------------------------------------------------------ row stores and the two source kinds
+
+
+class _JsonlRows(Sequence):
+    """Random access into a jsonl file through a byte-offset index (nothing but the offsets kept in memory)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._offsets = path, [0]
+        with open(path, "rb") as f:
+            for line in f:
+                self._offsets.append(self._offsets[-1] + len(line))
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> Any:
+        with open(self.path, "rb") as f:
+            f.seek(self._offsets[i])
+            line = f.read(self._offsets[i + 1] - self._offsets[i]).strip()
+        if not line:
+            return None
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RecordError("invalid_json", f"{self.path} line {i + 1} is not JSON ({exc})") from exc
+
+
+class _ArrowRows(Sequence):
+    """Rows of a `datasets.Dataset` read as raw Arrow values: images stay {"bytes", "path"} (never decoded)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self._data = dataset.with_format("arrow")
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, i: int) -> Any:
+        return self._data[i].to_pylist()[0]
+
+
+class MapRecords(Sequence):
+    """Indexable Records over indexable rows. `getitem` raises RecordError; iteration skips and counts."""
+
+    def __init__(self, rows: Sequence[Any], convert: Converter, *, skips: SkipCounter | None = None,
+                 size: int | None = None) -> None:
+        self.rows, self.convert, self.skips = rows, convert, skips
+        self._len = len(rows) if size is None else min(size, len(rows))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> Record:  # type: ignore[override]
+        if not 0 <= i < self._len:
+            raise IndexError(f"record {i} out of range for a source of {self._len}")
+        return self.convert(self.rows[i], i)
+
+    def __iter__(self) -> Iterator[Record]:
+        for i in range(self._len):
+            try:
+                yield self[i]
+            except RecordError as exc:
+                if self.skips is not None:
+                    self.skips.add(exc.reason)
+
+
+class ConcatRecords(Sequence):
+    """Several map-style sources end to end (configs with different columns concatenate fine)."""
+
+    def __init__(self, parts: Sequence[Sequence[Record]], *, size: int | None = None) -> None:
+        self.parts, self._ends = list(parts), []
+        total = 0
+        for part in self.parts:
+            total += len(part)
+            self._ends.append(total)
+        self._len = total if size is None else min(size, total)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> Record:  # type: ignore[override]
+        if not 0 <= i < self._len:
+            raise IndexError(f"record {i} out of range for a source of {self._len}")
+        k = bisect.bisect_right(self._ends, i)
+        record = self.parts[k][i - (self._ends[k - 1] if k else 0)]
+        record.source_index = i
+        return record
+
+
+class StreamRecords:
+    """Iterable-only Records in the stream's own order. `iter_rows(start)` yields every row from `start` on,
+    a Record or the RecordError that made it unusable, so the loader can count positions exactly."""
+
+    def __init__(self, make_rows: Callable[[], Iterable[Any]], convert: Converter, *,
+                 skips: SkipCounter | None = None, size: int | None = None) -> None:
+        self.make_rows, self.convert, self.skips, self.size = make_rows, convert, skips, size
+
+    def iter_rows(self, start: int = 0) -> Iterator[Record | RecordError]:
+        for i, row in enumerate(islice(self.make_rows(), start, self.size), start=start):
+            try:
+                yield self.convert(row, i)
+            except RecordError as exc:
+                yield exc
+
+    def __iter__(self) -> Iterator[Record]:
+        for item in self.iter_rows():
+            if isinstance(item, RecordError):
+                if self.skips is not None:
+                    self.skips.add(item.reason)
+            else:
+                yield item
+
+
+def _round_robin(streams: list[Iterable[Any]]) -> Iterator[Any]:
+    """Interleave streams one row each, in order, until all are exhausted (deterministic)."""
+    iterators = [iter(s) for s in streams]
+    while iterators:
+        alive = []
+        for it in iterators:
+            try:
+                yield next(it)
+                alive.append(it)
+            except StopIteration:
+                pass
+        iterators = alive
+
+
+def _read_json_rows(path: Path) -> list[Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); fix the file or save it as jsonl") from exc
+    if isinstance(data, dict):
+        data = next((v for v in data.values() if isinstance(v, list)), None)
+    if not isinstance(data, list):
+        raise DataError(f"{path} does not hold a list of rows; LLaVA JSON is a list of objects")
+    return data
+
+
+def _iter_jsonl(path: Path) -> Iterator[Any]:
+    with open(path) as f:
+        for line in f:
+            yield json.loads(line) if line.strip() else None
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        for ext in ("parquet", "jsonl", "json"):
+            found = sorted(path.rglob(f"*.{ext}"))
+            if found:
+                return found
+        raise DataError(f"{path} holds no save_to_disk dataset, parquet, jsonl or json files; point at the data")
+    if path.is_file():
+        return [path]
+    return sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+
+
+def _hf_dataset_source(datasets_: list[Any], convert: Converter, stream: bool, skips: SkipCounter | None,
+                       size: int | None) -> RecordSource:
+    if stream:
+        streams = [d.decode(False) if hasattr(d, "decode") else d for d in datasets_]
+        return StreamRecords(lambda: _round_robin(streams) if len(streams) > 1 else iter(streams[0]), convert,
+                             skips=skips, size=size)
+    parts = [MapRecords(_ArrowRows(d), convert, skips=skips) for d in datasets_]
+    return parts[0] if len(parts) == 1 and size is None else ConcatRecords(parts, size=size)
+
+
+def _pick_split(dataset: Any, split: str, where: str) -> Any:
+    if hasattr(dataset, "keys") and not hasattr(dataset, "features"):  # a DatasetDict
+        if split not in dataset:
+            raise DataError(f"{where} has no split {split!r}; choose one of {', '.join(dataset)}")
+        return dataset[split]
+    return dataset
+
+
+def open_source(spec: str, *, config: str | None = None, split: str = "train", stream: bool = False,
+                image_root: str | None = None, min_rating: int | None = None, size: int | None = None,
+                seed: int = 0, skips: SkipCounter | None = None) -> RecordSource:
+    """Open any supported dataset as Records (see the module docstring). `size` keeps the first `size` rows."""
+    if spec == "shapes":
+        from nanovlm_cli.data.shapes import shapes_records
+
+        return shapes_records(size if size is not None else SHAPES_DEFAULT_SIZE, seed=seed, split=split)
+    import datasets
+
+    path = Path(spec).expanduser()
+    if path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        dataset = _pick_split(datasets.load_from_disk(str(path)), split, str(path))
+        dataset = dataset.to_iterable_dataset() if stream else dataset
+        return _hf_dataset_source([dataset], _converter(image_root, min_rating), stream, skips, size)
+    files = _local_files(path)
+    if files:
+        root = image_root if image_root is not None else str(files[0].parent)
+        convert = _converter(root, min_rating)
+        suffixes = {f.suffix for f in files}
+        if suffixes == {".parquet"}:
+            dataset = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train",
+                                            streaming=stream)
+            return _hf_dataset_source([dataset], convert, stream, skips, size)
+        if suffixes <= {".jsonl", ".json"}:
+            readers = [(_JsonlRows(f) if f.suffix == ".jsonl" else _read_json_rows(f)) for f in files]
+            if stream:
+                makers = [partial(_iter_jsonl, f) if f.suffix == ".jsonl" else partial(iter, r)
+                          for f, r in zip(files, readers)]
+                return StreamRecords(lambda: (row for make in makers for row in make()), convert, skips=skips,
+                                     size=size)
+            parts = [MapRecords(r, convert, skips=skips) for r in readers]
+            return parts[0] if len(parts) == 1 and size is None else ConcatRecords(parts, size=size)
+        raise DataError(f"{spec}: cannot read files ending in {', '.join(sorted(suffixes))}; "
+                        "use parquet, jsonl, LLaVA .json or a save_to_disk directory")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise DataError(f"dataset path {spec} does not exist; check the path")
+    loaded = []
+    for name in (config.split(",") if config else [None]):
+        try:
+            dataset = datasets.load_dataset(spec, name=name.strip() if name else None, split=split, streaming=stream)
+        except Exception as exc:  # datasets raises many types: offline, missing config, gated, network
+            raise DataError(f"could not load dataset {spec!r} (config {name}, split {split}): "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+                            "check the id, config names and your network, or pass a local path") from exc
+        loaded.append(dataset)
+    return _hf_dataset_source(loaded, _converter(image_root, min_rating), stream, skips, size)
+
+
+def _converter(image_root: str | None, min_rating: int | None) -> Converter:
+    return partial(_convert, image_root=image_root, min_rating=min_rating)
+
+
+def _convert(row: Any, index: int, *, image_root: str | None, min_rating: int | None) -> Record:
+    if row is None:
+        raise RecordError("missing_field", f"row {index} is empty")
+    return row_to_record(row, index, image_root=image_root, min_rating=min_rating)
+
+
+def is_map_style(source: Any) -> bool:
+    """True when `source` supports `len` and integer indexing (shuffle + shard by index)."""
+    return hasattr(source, "__len__") and hasattr(source, "__getitem__")
