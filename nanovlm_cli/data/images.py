@@ -1,0 +1,239 @@
+"""Images: decode any image source into clean RGB, then turn it into the pixel views the vision encoder reads.
+
+Two steps, kept apart so each is testable: `load_image` turns a path / bytes / PIL image / `datasets` dict into an
+RGB `PIL.Image` (alpha composited on white, 16-bit scaled to 8-bit, EXIF rotation applied, first frame of an
+animation) or raises `ImageError` naming the file; `process_image` resizes, splits and normalises according to
+`cfg.image`. Resizing is done by PIL in C (bicubic for the main resize, as upstream nanoVLM's `DynamicResize`;
+bilinear with PIL's built-in antialiasing for the tile-size global view, as upstream's tensor `resize`), and the
+only tensor work is one uint8 -> float conversion per image, because this runs per sample in the training loop.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from nanovlm_cli.config import VLMConfig
+from nanovlm_cli.data.sample import ImageSource
+from nanovlm_cli.errors import ImageError
+
+logger = logging.getLogger(__name__)
+
+_WHITE = (255, 255, 255)
+_ALPHA_MODES = {"RGBA", "LA", "La", "RGBa", "PA"}
+
+
+@dataclass
+class ProcessedImage:
+    """The views of one image, in the order their image-token runs appear in the text.
+
+    `grid` is rows x cols of tiles ((1, 1) when the image is not split); with `has_global` the first view is the
+    whole image at tile size (a 1x1 "tiles" image is just that global view).
+    """
+
+    views: list[torch.Tensor]  # each (3, h, w) float
+    grid: tuple[int, int]
+    has_global: bool
+    tokens_per_view: list[int]
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(self.tokens_per_view)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _describe(src: Any, name: str | None) -> str:
+    if name:
+        return name
+    if isinstance(src, (str, Path)):
+        return str(src)
+    if isinstance(src, dict) and src.get("path"):
+        return str(src["path"])
+    if isinstance(src, (bytes, bytearray)):
+        return f"<{len(src)} bytes>"
+    return f"<{type(src).__name__}>"
+
+
+def _open(src: Any, label: str) -> Image.Image:
+    """Open `src` lazily (no pixel decoding yet); missing files and unsupported types raise ImageError."""
+    if isinstance(src, Image.Image):
+        return src
+    if isinstance(src, dict):
+        data, path = src.get("bytes"), src.get("path")
+        if data is not None:
+            return _open(bytes(data), label)
+        if path:
+            return _open(str(path), label)
+        raise ImageError(f"image {label} is a dict without 'bytes' or 'path'; pass {{'bytes': ...}} or {{'path': ...}}")
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        if len(src) == 0:
+            raise ImageError(f"image {label} is empty (0 bytes); the file or dataset row has no image data")
+        return Image.open(io.BytesIO(bytes(src)))
+    if isinstance(src, (str, Path)):
+        path = Path(src).expanduser()
+        if not path.is_file():
+            raise ImageError(f"image file {src} does not exist; check the path (or --image-root for relative paths)")
+        return Image.open(path)
+    raise ImageError(f"image {label} has unsupported type {type(src).__name__}; pass a path, bytes or a PIL image")
+
+
+def _sixteen_bit_to_rgb(img: Image.Image) -> Image.Image:
+    """'I;16*' / 'I' / 'F' greyscale -> 8-bit RGB by scaling, never by clipping (65535 -> 255).
+
+    'I' (32-bit int) holds 16-bit PNG/TIFF data, or 8-bit data someone converted: values above 255 mean 16-bit.
+    """
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr = arr.astype(np.float64)
+        peak = float(np.nanmax(arr)) if arr.size else 0.0
+        arr = arr * 255.0 if peak <= 1.0 else arr
+    else:
+        arr = arr.astype(np.float64)
+        peak = float(arr.max()) if arr.size else 0.0
+        if img.mode.startswith("I;16") or peak > 255:
+            arr = arr / (257.0 if peak <= 65535 else peak / 255.0)
+    grey = np.clip(np.nan_to_num(arr), 0, 255).round().astype(np.uint8)  # (H, W)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P" and "transparency" in img.info:
+        mode, img = "RGBA", img.convert("RGBA")
+    if mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        return _sixteen_bit_to_rgb(img)
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(src: ImageSource, *, name: str | None = None) -> Image.Image:
+    """Decode `src` (path, bytes, PIL image or {"bytes", "path"} dict) into an RGB PIL image.
+
+    Every failure (missing, corrupt, truncated, decompression bomb, not an image) is an `ImageError` naming the
+    file (or `name`), never a hang: decompression bombs are refused from the header, before any pixel is decoded.
+    """
+    label = _describe(src, name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = _open(src, label)
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)  # animated GIF / WebP / APNG: the first frame
+            img.load()
+            try:
+                img = ImageOps.exif_transpose(img) or img
+            except Exception as exc:  # a broken EXIF block is not a broken image
+                logger.debug("ignoring unreadable EXIF orientation of %s: %s", label, exc)
+            if img.width < 1 or img.height < 1:
+                raise ImageError(f"image {label} has size {img.width}x{img.height}; it has no pixels")
+            return _to_rgb(img)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image {label} is too large to decode safely ({exc}); resize it below "
+                         f"{Image.MAX_IMAGE_PIXELS} pixels") from exc
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on corrupt data
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(f"image {label} cannot be decoded ({detail}); the file is corrupt, truncated or "
+                         "not an image") from exc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resizing and splitting
+
+
+def _round_up(x: float, unit: int) -> int:
+    return max(unit, math.ceil(x / unit) * unit)
+
+
+def tiles_size(height: int, width: int, tile: int, max_side: int, max_grid: int) -> tuple[int, int]:
+    """(h, w) for "tiles" mode: aspect-aware, both sides multiples of `tile`, at most max_grid tiles per side.
+
+    The longest side goes to the smallest multiple of `tile` that holds it (capped by max_side and max_grid), the
+    other side scales with it and is rounded up (never undershoots), as upstream nanoVLM's DynamicResize.
+    Example: 1000x600 (h x w), tile 512, max_side 2048 -> long 1024, scale 1.024, short 614.4 -> 1024x1024;
+    4000x40 -> long 2048, short 20.5 -> 512: 2048x512 (4x1 tiles).
+    """
+    cap = max(tile, min(max_side, max_grid * tile) // tile * tile)
+    long, short = max(height, width), min(height, width)
+    target_long = min(cap, _round_up(long, tile))
+    target_short = min(target_long, _round_up(short * target_long / long, tile))
+    return (target_long, target_short) if height >= width else (target_short, target_long)
+
+
+def aspect_size(height: int, width: int, max_side: int, multiple_of: int) -> tuple[int, int]:
+    """(h, w) for "aspect" mode: aspect kept, longest side <= max_side, each side the nearest multiple (>= 1).
+
+    Example: 1000x600, max_side 1024, multiple 64 -> scale 1.0 -> 1024x576 (round(15.6)=16, round(9.4)=9 multiples).
+    An image smaller than the unit is enlarged to one multiple: 10x10 -> 64x64.
+    """
+    cap = max(multiple_of, max_side // multiple_of * multiple_of)
+    scale = min(1.0, max_side / max(height, width))
+    fit = lambda side: min(cap, max(multiple_of, round(side * scale / multiple_of) * multiple_of))  # noqa: E731
+    return fit(height), fit(width)
+
+
+def _to_tensor(img: Image.Image, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))  # (H, W, 3) uint8
+    x = pixels.permute(2, 0, 1).float().div_(255.0)  # (3, H, W) in [0, 1]
+    if mean is not None and std is not None:
+        x.sub_(mean).div_(std)
+    return x
+
+
+def _norm_stats(cfg: VLMConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if cfg.image.mean is None or cfg.image.std is None:
+        return None, None
+    return (torch.tensor(cfg.image.mean).view(3, 1, 1), torch.tensor(cfg.image.std).view(3, 1, 1))
+
+
+def process_image(img: Image.Image, cfg: VLMConfig) -> ProcessedImage:
+    """Resize / split / normalise one RGB image as `cfg.image` says (see ImageConfig).
+
+    "tiles" example: a 1000x600 (h x w) image with tile 512 resizes to 1024x1024, a 2x2 grid: views are
+    [global 512x512, r1c1, r1c2, r2c1, r2c2], has_global=True, each worth `cfg.image_tokens_per_tile` tokens.
+    """
+    if img.mode != "RGB":
+        img = _to_rgb(img)
+    ic, mean, std = cfg.image, *_norm_stats(cfg)
+    unit = cfg.vision.patch_size * cfg.projector.pixel_shuffle_factor
+    width, height = img.size
+
+    if ic.mode == "fixed":
+        view = _to_tensor(img.resize((ic.tile_size, ic.tile_size), Image.BICUBIC), mean, std)  # (3, t, t)
+        return ProcessedImage([view], (1, 1), False, [cfg.image_tokens_per_tile])
+
+    if ic.mode == "aspect":
+        h, w = aspect_size(height, width, ic.max_side, ic.multiple_of)
+        view = _to_tensor(img.resize((w, h), Image.BICUBIC), mean, std)  # (3, h, w)
+        return ProcessedImage([view], (1, 1), False, [(h // unit) * (w // unit)])
+
+    t = ic.tile_size
+    h, w = tiles_size(height, width, t, ic.max_side, ic.max_grid)
+    rows, cols = h // t, w // t
+    resized = img.resize((w, h), Image.BICUBIC) if (w, h) != (width, height) else img
+    views: list[torch.Tensor] = []
+    has_global = ic.global_view
+    if has_global and (rows, cols) != (1, 1):
+        views.append(_to_tensor(resized.resize((t, t), Image.BILINEAR), mean, std))  # (3, t, t)
+    full = _to_tensor(resized, mean, std)  # (3, rows*t, cols*t)
+    tiles = full.view(3, rows, t, cols, t).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, t, t)  # row-major
+    views.extend(tiles.unbind(0))
+    return ProcessedImage(views, (rows, cols), has_global, [cfg.image_tokens_per_tile] * len(views))
