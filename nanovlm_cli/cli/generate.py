@@ -1,7 +1,8 @@
 """`nanovlm generate`: answer a prompt about one or more images with a checkpoint.
 
 Thin layer: check the inputs exist (fast, before any model loads), call the library's generation function,
-print the answers (stdout) or JSON. Sampling settings are passed through untouched; `--greedy` overrides them.
+print the answers (stdout; streamed token by token on a terminal) or JSON with timings. Sampling settings are
+passed through untouched; `--greedy` overrides them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from nanovlm_cli.cli.console import library_function, print_json, out
+from nanovlm_cli.cli.console import library_function, out, print_json
 from nanovlm_cli.cli.options import DEFAULT_CHECKPOINT, CheckpointOpt, DeviceOpt, DType, JsonOpt
 from nanovlm_cli.errors import ImageError
 
@@ -42,18 +43,24 @@ def generate(
         if not path.is_file():
             raise ImageError(f"image {path} does not exist; pass the path of an image file")
 
-    # TODO(generation): provide nanovlm_cli.generation.generate_from_checkpoint(...) -> list[str].
     generate_from_checkpoint = library_function("nanovlm_cli.generation", "generate_from_checkpoint", "generate")
-    answers = generate_from_checkpoint(
+    stream = not json_output and num_generations == 1 and out.is_terminal
+    result = generate_from_checkpoint(
         checkpoint, [str(p) for p in images], prompt, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, greedy=greedy, num_generations=num_generations, seed=seed, device=device,
-        dtype=dtype,
+        dtype=dtype, on_text=(lambda _row, piece: out.print(piece, end="", markup=False, soft_wrap=True))
+        if stream else None,
     )
     if json_output:
         print_json({"checkpoint": checkpoint, "images": [str(p) for p in images], "prompt": prompt,
-                    "generations": list(answers)})
+                    "answers": result.texts, "prompt_tokens": result.prompt_tokens[0],
+                    "new_tokens": result.new_tokens, "finish_reasons": result.finish_reasons,
+                    "prefill_s": result.prefill_s, "decode_tokens_per_s": result.decode_tokens_per_s})
         return
-    for i, answer in enumerate(answers):
-        if len(answers) > 1:
+    if stream:
+        out.print()
+        return
+    for i, answer in enumerate(result.texts):
+        if len(result.texts) > 1:
             out.print(f"[bold]>> generation {i + 1}[/]")
         out.print(answer, markup=False, soft_wrap=True)

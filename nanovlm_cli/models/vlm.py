@@ -175,6 +175,22 @@ class VisionLanguageModel(nn.Module):
 
         return save_model(self, directory, tokenizer=tokenizer)
 
+    def generate(self, image_or_images, prompt: str, *, tokenizer=None, **sampling) -> str:
+        """Answer `prompt` about one image or a list of them (PIL images, paths or bytes; None for text only).
+
+        `sampling` are `nanovlm_cli.generation.SamplingConfig` fields (max_new_tokens, temperature, top_k, top_p,
+        greedy, seed, stop_strings). Without `tokenizer`, the one the config names is loaded.
+        """
+        from nanovlm_cli.generation import generate_text, processor_for
+
+        if image_or_images is None:
+            images = []
+        elif isinstance(image_or_images, (list, tuple)):
+            images = list(image_or_images)
+        else:
+            images = [image_or_images]
+        return generate_text(self, processor_for(self, tokenizer), images, prompt, **sampling)
+
     def push_to_hub(self, repo_id: str, *, private: bool = False, tokenizer=None) -> str:
         """Save to a temporary directory and upload it to the Hub with a generated model card."""
         import tempfile
