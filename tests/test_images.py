@@ -83,7 +83,7 @@ def test_animated_gif_gives_first_frame():
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
     out = load_image(buf.getvalue())
-    r, g, b = out.getpixel((0, 0))
+    r, _, b = out.getpixel((0, 0))
     assert r > 200 and b < 50
 
 

@@ -139,7 +139,7 @@ def load_image(src: ImageSource, *, name: str | None = None) -> Image.Image:
             img.load()
             try:
                 img = ImageOps.exif_transpose(img) or img
-            except Exception as exc:  # a broken EXIF block is not a broken image
+            except Exception as exc:  # noqa: BLE001 - a broken EXIF block is not a broken image
                 logger.debug("ignoring unreadable EXIF orientation of %s: %s", label, exc)
             if img.width < 1 or img.height < 1:
                 raise ImageError(f"image {label} has size {img.width}x{img.height}; it has no pixels")
@@ -186,7 +186,7 @@ def aspect_size(height: int, width: int, max_side: int, multiple_of: int) -> tup
     """
     cap = max(multiple_of, max_side // multiple_of * multiple_of)
     scale = min(1.0, max_side / max(height, width))
-    fit = lambda side: min(cap, max(multiple_of, round(side * scale / multiple_of) * multiple_of))  # noqa: E731
+    fit = lambda side: min(cap, max(multiple_of, round(side * scale / multiple_of) * multiple_of))
     return fit(height), fit(width)
 
 

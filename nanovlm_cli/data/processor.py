@@ -1,0 +1,205 @@
+"""The processor: a `Record` (chat messages + images) becomes a `Sample` (token ids, labels, image views).
+
+Main design choice: the conversation is rendered into pieces (`tokenizer.render_chat`) and tokenised piece by
+piece, so the supervised span is known exactly (assistant content + its end-of-turn token) instead of being
+searched for in a rendered string, and message text is tokenised with special-token strings split, so text can
+never create an image slot. Labels are aligned with `input_ids` (label[t] is input_ids[t] or -100); the loss
+shifts them, as in Hugging Face models.
+
+Each image slot expands to upstream nanoVLM's image string (`get_image_string`), built directly as ids:
+    fixed / aspect:          <|image|> * n
+    tiles, grid 1x1:         <|global_image|> <|image|> * n
+    tiles, grid 2x2:         <|global_image|> <|image|> * n  <row_1_col_1> <|image|> * n  ...  <row_2_col_2> <|image|> * n
+and, when a record has several images, each string is preceded by the text "<image: k>" (k from 0).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from nanovlm_cli.config import VLMConfig
+from nanovlm_cli.data.images import ProcessedImage, load_image, process_image
+from nanovlm_cli.data.sample import Record, Sample
+from nanovlm_cli.data.tokenizer import ROLES, ChatPiece, Turn, end_of_turn_token, render_chat
+from nanovlm_cli.errors import DataError, ImageError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+REASONS = ("unreadable_image", "no_supervised_tokens", "image_count_mismatch", "missing_field", "too_many_images")
+
+
+class SampleError(DataError):
+    """A record that cannot become a training sample; `reason` (one of REASONS) is for skip counters."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _turns(messages: Any, where: str) -> list[Turn]:
+    """Validate HF chat messages and normalise them to Turns (image parts become slot indices 0, 1, ...)."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise SampleError(f"{where} has no messages; a record needs a non-empty 'messages' list", "missing_field")
+    turns, n_images = [], 0
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise SampleError(f"{where}: message {i} lacks 'role' or 'content'; each message needs both",
+                              "missing_field")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise SampleError(f"{where}: message {i} has role {role!r}; use one of {', '.join(ROLES)}",
+                              "missing_field")
+        if content is None:
+            content = ""
+        if isinstance(content, str):
+            parts: list[str | int] = [content]
+        elif isinstance(content, (list, tuple)):
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+                elif kind == "image":
+                    parts.append(n_images)
+                    n_images += 1
+                else:
+                    raise SampleError(f"{where}: message {i} has a content part {str(part)[:60]!r}; parts must be "
+                                      "{'type': 'text', 'text': str} or {'type': 'image'}", "missing_field")
+        else:
+            raise SampleError(f"{where}: message {i} content is {type(content).__name__}; use a string or a list "
+                              "of parts", "missing_field")
+        turns.append(Turn(role, tuple(parts)))
+    return turns
+
+
+class Processor:
+    """Turns records into samples for one model config and tokenizer (see the module docstring)."""
+
+    def __init__(self, cfg: VLMConfig, tokenizer) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        vocab = tokenizer.get_vocab()
+        self.image_token_id = self._special_id(cfg.image_token, vocab)
+        self.global_image_token_id = self._special_id(cfg.global_image_token, vocab)
+        self._tile_ids = {tok: self._special_id(tok, vocab) for tok in cfg.tile_tokens}
+        stops = [tokenizer.eos_token_id, cfg.language.eos_token_id]
+        eot = end_of_turn_token(cfg.chat_template)
+        if eot is not None and eot in vocab:
+            stops.append(tokenizer.convert_tokens_to_ids(eot))
+        self.stop_token_ids: list[int] = [i for i in dict.fromkeys(stops) if i is not None]
+        self._cache: dict[tuple[str, bool], list[int]] = {}  # template pieces and "<image: k>" labels
+
+    @staticmethod
+    def _special_id(token: str, vocab: dict[str, int]) -> int:
+        if token not in vocab:
+            raise DataError(f"the tokenizer has no token {token!r}; load it with nanovlm_cli.data.tokenizer."
+                            "load_tokenizer(cfg), which adds the VLM's extra tokens")
+        return int(vocab[token])
+
+    # -- tokenisation -------------------------------------------------------------------------------------------
+
+    def _ids(self, text: str, parse_specials: bool) -> list[int]:
+        """Token ids of `text`; with parse_specials False, "<|im_end|>" typed in text stays plain text."""
+        if parse_specials:
+            key = (text, True)
+            if key not in self._cache:
+                self._cache[key] = list(self.tokenizer(text, add_special_tokens=False,
+                                                       split_special_tokens=False)["input_ids"])
+            return self._cache[key]
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    def image_token_ids(self, image: ProcessedImage, index: int, n_images: int) -> list[int]:
+        """The token ids an image slot expands to (upstream nanoVLM's `get_image_string`)."""
+        ids: list[int] = self._ids(f"<image: {index}>", False) if n_images > 1 else []
+        counts = iter(image.tokens_per_view)
+        if image.has_global:
+            ids += [self.global_image_token_id] + [self.image_token_id] * next(counts)
+            if image.grid == (1, 1):
+                return ids
+        rows, cols = image.grid
+        markers = self.cfg.image.mode == "tiles"
+        for r in range(1, rows + 1):
+            for c in range(1, cols + 1):
+                if markers:
+                    ids.append(self._tile_ids[f"<row_{r}_col_{c}>"])
+                ids += [self.image_token_id] * next(counts)
+        return ids
+
+    def _images(self, sources: list[Any], where: str) -> list[ProcessedImage]:
+        if len(sources) > self.cfg.max_images_per_sample:
+            raise SampleError(f"{where} has {len(sources)} images, more than max_images_per_sample="
+                              f"{self.cfg.max_images_per_sample}; raise it or drop the record", "too_many_images")
+        out = []
+        for k, src in enumerate(sources):
+            try:
+                out.append(process_image(load_image(src), self.cfg))
+            except ImageError as exc:
+                raise SampleError(f"{where}, image {k}: {exc}", "unreadable_image") from exc
+        return out
+
+    def _build(self, turns: list[Turn], images: list[ProcessedImage], add_generation_prompt: bool) -> Sample:
+        pieces: list[ChatPiece] = render_chat(
+            turns, self.cfg.chat_template, add_generation_prompt=add_generation_prompt,
+            bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token,
+        )
+        ids: list[int] = []
+        labels: list[int] = []
+        for piece in pieces:
+            if piece.kind == "image":
+                assert isinstance(piece.value, int)
+                run = self.image_token_ids(images[piece.value], piece.value, len(images))
+            else:
+                assert isinstance(piece.value, str)
+                run = self._ids(piece.value, piece.kind == "template")
+            ids += run
+            labels += run if piece.supervised else [IGNORE_INDEX] * len(run)
+        views = [v for image in images for v in image.views]
+        return Sample(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), views)
+
+    # -- public API ---------------------------------------------------------------------------------------------
+
+    def encode(self, record: Record) -> Sample:
+        """A training sample: labels are -100 except on assistant content and its end-of-turn token.
+
+        Raises SampleError (a DataError) with `.reason` in REASONS instead of returning an unusable sample.
+        """
+        where = f"record {record.source_index}"
+        turns = _turns(record.messages, where)
+        n_slots = sum(isinstance(p, int) for t in turns for p in t.parts)
+        if n_slots != len(record.images):
+            raise SampleError(f"{where} has {n_slots} image part(s) in its messages but {len(record.images)} "
+                              "image(s); each {'type': 'image'} part needs exactly one image", "image_count_mismatch")
+        sample = self._build(turns, self._images(list(record.images), where), add_generation_prompt=False)
+        if sample.n_supervised == 0:
+            raise SampleError(f"{where} has no assistant reply to learn from; every record needs an assistant "
+                              "message", "no_supervised_tokens")
+        sample.source_index = record.source_index
+        return sample
+
+    def encode_prompt(self, messages: list[dict] | str, images: list | None = None) -> Sample:
+        """A generation prompt: the conversation plus the assistant generation prompt; labels are all -100.
+
+        `messages` may be a plain string (one user turn); its images go first, as in upstream nanoVLM.
+        """
+        images = list(images or [])
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": [{"type": "image"}] * len(images)
+                         + [{"type": "text", "text": messages}]}]
+        turns = _turns(messages, "prompt")
+        n_slots = sum(isinstance(p, int) for t in turns for p in t.parts)
+        if n_slots != len(images):
+            raise SampleError(f"the prompt has {n_slots} image part(s) but {len(images)} image(s) were given; "
+                              "pass one image per {'type': 'image'} part", "image_count_mismatch")
+        sample = self._build(turns, self._images(images, "prompt"), add_generation_prompt=True)
+        sample.labels.fill_(IGNORE_INDEX)
+        return sample
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        """Text of `ids` without special tokens (image, end-of-turn and EOS tokens are dropped)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
