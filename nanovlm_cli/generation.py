@@ -126,11 +126,12 @@ class _RowOutput:
 
     The whole answer is re-decoded at every token and only the new suffix is emitted, so a character whose bytes
     span several tokens comes out whole (a trailing U+FFFD means "incomplete, wait"). With stop strings, text that
-    could be the start of one is held back until it is known not to be.
+    could be the start of one is held back until it is known not to be. Without streaming and stop strings
+    (`incremental` False) the text is decoded once, when the row finishes.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stop_strings: tuple[str, ...]) -> None:
-        self.decode, self.stop_strings = decode, stop_strings
+    def __init__(self, decode: Callable[[list[int]], str], stop_strings: tuple[str, ...], incremental: bool) -> None:
+        self.decode, self.stop_strings, self.incremental = decode, stop_strings, incremental
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0
@@ -139,6 +140,8 @@ class _RowOutput:
     def add(self, token: int) -> str:
         """Append `token`; return the newly final text (may be empty). Sets finish_reason on a stop string."""
         self.ids.append(token)
+        if not self.incremental:
+            return ""
         self.text = self.decode(self.ids)
         safe = len(self.text)
         for stop in self.stop_strings:
@@ -156,6 +159,8 @@ class _RowOutput:
     def finish(self, reason: str) -> str:
         """Mark the row done (if not already); return whatever text was still held back."""
         self.finish_reason = self.finish_reason or reason
+        if not self.incremental:
+            self.text = self.decode(self.ids)
         return self._emit(len(self.text))
 
     def _emit(self, upto: int) -> str:
@@ -269,7 +274,8 @@ class Engine:
         prefill_s = time.perf_counter() - t0
 
         rows = logits.shape[0]
-        outputs = [_RowOutput(self.processor.decode, sampling.stop_strings) for _ in range(rows)]
+        incremental = on_text is not None or bool(sampling.stop_strings)
+        outputs = [_RowOutput(self.processor.decode, sampling.stop_strings, incremental) for _ in range(rows)]
         stop_ids = {int(i) for i in self.processor.stop_token_ids}
         pad = torch.full((rows,), self._pad_id(), dtype=torch.long, device=device)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
