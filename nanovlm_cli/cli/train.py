@@ -72,6 +72,8 @@ def train(
                                                    help="Images allowed in one packed row.")] = None,
     packing: Annotated[bool | None, _opt("--packing/--no-packing", panel=D,
                                          help="Pack several samples per row (block-causal attention).")] = None,
+    pack_buffer: Annotated[int | None, _opt("--pack-buffer", min=1, panel=D,
+                                            help="Batches whose samples are packed together.")] = None,
     num_workers: Annotated[int | None, _opt("--num-workers", min=0, panel=D, help="DataLoader workers.")] = None,
     batch_size: Annotated[int | None, _opt("--batch-size", panel=O, help="Rows per micro-batch.")] = None,
     gradient_accumulation_steps: Annotated[int | None, _opt("--gradient-accumulation-steps", panel=O,
