@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = {"RGBA", "LA", "La", "RGBa", "PA"}
+_ORIENTATION = 0x0112  # EXIF tag
 
 
 @dataclass
@@ -138,7 +139,8 @@ def load_image(src: ImageSource, *, name: str | None = None) -> Image.Image:
                 img.seek(0)  # animated GIF / WebP / APNG: the first frame
             img.load()
             try:
-                img = ImageOps.exif_transpose(img) or img
+                if img.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose copies even when there is nothing to do
+                    img = ImageOps.exif_transpose(img) or img
             except Exception as exc:  # noqa: BLE001 - a broken EXIF block is not a broken image
                 logger.debug("ignoring unreadable EXIF orientation of %s: %s", label, exc)
             if img.width < 1 or img.height < 1:
