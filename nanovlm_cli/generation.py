@@ -297,7 +297,9 @@ class Engine:
             feed = torch.where(done, pad, tokens)[:, None]  # (R, 1); finished rows feed padding
             if segment_ids is not None:
                 segment_ids = torch.cat([segment_ids, torch.ones_like(feed)], dim=1)  # (R, S + 1)
-            hidden = model(feed, position_ids=next_pos[:, None], segment_ids=segment_ids, kv_cache=cache)  # (R,1,D)
+            # Straight to the decoder: a sampled image-token id must not ask for image features.
+            hidden = model.language(model.language.embed(feed), next_pos[:, None], segment_ids=segment_ids,
+                                    kv_cache=cache)  # (R, 1, D)
             logits = model.logits(hidden[:, -1])  # (R, V)
             next_pos = next_pos + 1
         _sync(device)

@@ -160,6 +160,21 @@ def test_num_generations_share_one_prefill(loaded, processor):
         handle.remove()
 
 
+def test_a_sampled_image_token_is_decoded_like_any_other_token(loaded, processor, monkeypatch):
+    model = loaded.model
+    original = model.logits
+
+    def favour_image_token(hidden):
+        logits = original(hidden).clone()
+        logits[..., model.image_token_id] += 1e4
+        return logits
+
+    monkeypatch.setattr(model, "logits", favour_image_token)
+    prompt = encode(processor, "Hi", [image((1, 2, 3))])
+    result = Engine(model, processor).generate([prompt], greedy(max_new_tokens=3))
+    assert result.token_ids == [[model.image_token_id] * 3]
+
+
 def test_empty_prompt_is_an_error(loaded, processor):
     empty = Sample(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     with pytest.raises(GenerationError, match="prompt 0 is empty"):
