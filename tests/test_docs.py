@@ -1,0 +1,103 @@
+"""Completions and man page: generated from the app, committed, never drifting, and valid for their tools."""
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from nanovlm_cli.cli.app import get_command
+from nanovlm_cli.cli.docs import OUTPUTS, describe, generate_all
+from nanovlm_cli.cli.manpage import roff_escape
+
+ROOT = Path(__file__).resolve().parent.parent
+REGENERATE = "run `python scripts/gen_docs.py` and commit completions/ and man/"
+
+
+@pytest.fixture(scope="module")
+def generated() -> dict[str, str]:
+    return generate_all()
+
+
+def test_committed_files_match_the_app(generated):
+    for path, text in generated.items():
+        target = ROOT / path
+        assert target.is_file(), f"{path} is missing; {REGENERATE}"
+        assert target.read_text() == text, f"{path} is out of date with the CLI options; {REGENERATE}"
+
+
+def test_generation_does_not_depend_on_terminal_width(generated, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "37")
+    assert generate_all() == generated
+
+
+def test_every_command_and_option_is_in_every_output(generated):
+    _, commands = describe(get_command())
+    assert [c.name for c in commands] == ["train", "generate", "eval", "vram", "validate", "push"]
+    for path in OUTPUTS:
+        text = generated[path].replace("\\-", "-")  # roff escapes dashes
+        for command in commands:
+            assert command.name in text, f"{command.name} missing from {path}"
+            for option in command.options:
+                long_names = [n for n in option.names if n.startswith("--")]
+                for name in long_names + list(option.negations):
+                    assert (name in text) if path != "completions/nanovlm.fish" else (f"-l {name[2:]}" in text), \
+                        f"{name} of {command.name} missing from {path}"
+
+
+def test_option_records_read_choices_paths_and_flags():
+    _, commands = describe(get_command())
+    train = {n: p for p in next(c for c in commands if c.name == "train").options for n in p.names}
+    assert train["--preset"].choices[:1] == ("default",) and "tiny" in train["--preset"].choices
+    assert train["--config"].is_path and train["--config"].metavar == "FILE"
+    assert train["--compile"].metavar is None and train["--compile"].negations == ("--no-compile",)
+    assert train["--batch-size"].metavar == "N"
+
+
+def _complete(words: list[str]) -> list[str]:
+    script = (f"source {ROOT / 'completions/nanovlm.bash'}; COMP_WORDS=({' '.join(words)}); "
+              f"COMP_CWORD={len(words) - 1}; _nanovlm; printf '%s\\n' \"${{COMPREPLY[@]}}\"")
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_bash_completion_completes_commands_options_and_choices():
+    assert _complete(["nanovlm", "tr"]) == ["train"]
+    assert _complete(["nanovlm", "train", "--pres"]) == ["--preset"]
+    assert _complete(["nanovlm", "train", "--preset", "ti"]) == ["tiny"]
+    assert _complete(["nanovlm", "--debug", "vram", "--no-s"]) == ["--no-stop-on-oom"]
+    assert "--no-generate" in _complete(["nanovlm", "validate", "--"])
+
+
+@pytest.mark.parametrize("shell,path", [("bash", "completions/nanovlm.bash"), ("zsh", "completions/_nanovlm"),
+                                        ("fish", "completions/nanovlm.fish")])
+def test_completion_script_parses(shell, path):
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed (.ci/run installs it)")
+    result = subprocess.run([shell, "-n", str(ROOT / path)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_roff_escape_neutralises_requests_dashes_and_backslashes():
+    assert roff_escape(".TH x") == "\\&.TH x"
+    assert roff_escape("'quoted") == "\\&'quoted"
+    assert roff_escape("--batch-size a\\b") == "\\-\\-batch\\-size a\\eb"
+
+
+def test_man_page_renders_without_warnings():
+    if shutil.which("man") is None or shutil.which("groff") is None:
+        pytest.skip("man/groff not installed (.ci/run installs man-db and groff-base)")
+    page = ROOT / "man/nanovlm.1"
+    lint = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(page)], capture_output=True, text=True,
+                          timeout=60)
+    assert lint.returncode == 0 and lint.stderr == "", lint.stderr
+    env = {**os.environ, "MANWIDTH": "100", "MANPAGER": "cat", "PAGER": "cat"}
+    rendered = subprocess.run(["man", "-l", str(page)], capture_output=True, text=True, timeout=60, env=env)
+    assert rendered.returncode == 0, rendered.stderr
+    text = re.sub(".\b", "", rendered.stdout)  # drop overstrike bold/underline
+    for heading in ("NAME", "SYNOPSIS", "DESCRIPTION", "COMMANDS", "EXIT STATUS", "ENVIRONMENT", "EXAMPLES"):
+        assert heading in text
+    assert "nanovlm train [OPTIONS]" in text and "--gradient-checkpointing" in text
