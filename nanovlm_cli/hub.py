@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,22 +81,81 @@ def model_card(
     return "\n".join(lines)
 
 
+# Files that never go to the Hub: training state for resume (large, and restores optimizer state).
+_NOT_UPLOADED = {"training_state.pt", "README.md"}
+
+
+@dataclass
+class UploadFile:
+    name: str
+    size: int  # bytes
+
+
+@dataclass
+class PushResult:
+    """What `push_checkpoint` did: the files of the upload folder, and the commit URL unless it was a dry run."""
+
+    repo_id: str
+    files: list[UploadFile]
+    dry_run: bool
+    folder: str | None = None  # the dry-run folder
+    url: str | None = None  # the commit URL of a real push
+    private: bool = False
+    revision: str | None = None
+
+    def __str__(self) -> str:  # `VisionLanguageModel.push_to_hub` returns this; its text is the commit URL
+        return self.url or self.folder or self.repo_id
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"repo_id": self.repo_id, "dry_run": self.dry_run, "private": self.private, "revision": self.revision,
+               "files": [{"name": f.name, "size": f.size} for f in self.files], "total_bytes": self.total_bytes}
+        if self.folder is not None:
+            out["folder"] = self.folder
+        if self.url is not None:
+            out["url"] = self.url
+        return out
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Raise HubError unless `repo_id` is a valid `namespace/name` model repository id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise HubError(f"repo id {repo_id!r} is not of the form user/name; pass e.g. myname/my-vlm")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise HubError(f"repo id {repo_id!r} is not valid ({str(exc).splitlines()[0]}); use letters, digits, "
+                       "'-', '_' and '.' as in myname/my-vlm") from exc
+
+
 def prepare_upload_folder(checkpoint: Path, target: Path, *, repo_id: str) -> Path:
-    """Copy the inference files of `checkpoint` into `target` with a model card naming `repo_id`."""
+    """Copy the inference files of `checkpoint` into `target` with a model card naming `repo_id`.
+
+    The card is generated from the checkpoint's own config, `training_summary.json` and `eval_results.json`.
+    """
+    from nanovlm_cli.checkpoint.files import weight_files
     from nanovlm_cli.checkpoint.io import read_model_config
 
+    checkpoint = Path(checkpoint)
     cfg = read_model_config(checkpoint)
+    weights = weight_files(checkpoint)
     target.mkdir(parents=True, exist_ok=True)
-    skip = {"training_state.pt", "README.md"}
     for item in sorted(checkpoint.iterdir()):
-        if item.is_file() and item.name not in skip and not item.name.startswith("."):
+        if item.is_file() and item.name not in _NOT_UPLOADED and not item.name.startswith("."):
             shutil.copy2(item, target / item.name)
     summary = _read_optional_json(checkpoint / "training_summary.json")
     results = _read_optional_json(checkpoint / "eval_results.json")
     from safetensors import safe_open
 
-    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
-        n_params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    n_params = 0
+    for file in weights:
+        with safe_open(str(file), framework="pt") as f:
+            n_params += sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
     (target / "README.md").write_text(model_card(cfg, n_params=n_params, summary=summary, eval_results=results,
                                                  repo_id=repo_id))
     return target
@@ -109,7 +169,17 @@ def _numel(shape: list[int]) -> int:
 
 
 def _read_optional_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        log.warning("%s is not valid JSON; the model card leaves it out", path)
+        return None
+
+
+def _listing(folder: Path) -> list[UploadFile]:
+    return [UploadFile(str(p.relative_to(folder)), p.stat().st_size) for p in sorted(folder.rglob("*")) if p.is_file()]
 
 
 def push_checkpoint(
@@ -119,30 +189,45 @@ def push_checkpoint(
     private: bool = False,
     revision: str | None = None,
     commit_message: str | None = None,
-) -> str:
-    """Upload a checkpoint directory as one commit; returns the commit URL."""
+    dry_run_dir: str | Path | None = None,
+) -> PushResult:
+    """Upload a checkpoint directory as one commit (create_repo + upload_folder).
+
+    With `dry_run_dir`, write exactly the folder that would be uploaded there instead and touch no network.
+    The token comes from HF_TOKEN or the login cache and is never printed or logged.
+    """
     import tempfile
 
-    from huggingface_hub import HfApi
-
     checkpoint = Path(checkpoint)
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise HubError(f"repo id {repo_id!r} is not of the form user/name; pass e.g. myname/my-vlm")
+    check_repo_id(repo_id)
+    if not (checkpoint / "config.json").is_file():
+        raise HubError(f"{checkpoint} is not a checkpoint directory (no config.json); pass the directory "
+                       "`nanovlm train` saved")
+    if dry_run_dir is not None:
+        target = Path(dry_run_dir)
+        if target.exists() and any(target.iterdir()):
+            raise HubError(f"dry-run directory {target} is not empty; pass a new or empty directory")
+        prepare_upload_folder(checkpoint, target, repo_id=repo_id)
+        return PushResult(repo_id, _listing(target), True, folder=str(target), private=private, revision=revision)
+
+    from huggingface_hub import HfApi, get_token
+
+    if not get_token():
+        raise HubError("no Hugging Face token found; run `hf auth login` or set HF_TOKEN (a token with write access)")
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         with tempfile.TemporaryDirectory() as tmp:
             folder = prepare_upload_folder(checkpoint, Path(tmp) / "upload", repo_id=repo_id)
-            info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+            files = _listing(folder)
+            info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,
                                      commit_message=commit_message or f"Upload nanovlm checkpoint {checkpoint.name}")
-    except HubError:
-        raise
-    except Exception as exc:  # network, auth, permission
+    except Exception as exc:  # network, auth, permission (huggingface_hub raises many types)
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise HubError(f"upload to {repo_id} failed ({type(exc).__name__}: {message}); "
-                       "check `huggingface-cli login` / HF_TOKEN and the repo permissions") from exc
+                       "check `hf auth login` / HF_TOKEN and the repo permissions") from exc
     url = getattr(info, "commit_url", None) or str(info)
     log.info("pushed %s to %s", checkpoint, repo_id)
-    return url
+    return PushResult(repo_id, files, False, url=url, private=private, revision=revision)

@@ -8,12 +8,44 @@ checkpoint to lmms-eval's tasks. `--compare` prints the difference to an earlier
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from nanovlm_cli.cli.console import library_function, print_result
+from nanovlm_cli.cli.console import err, library_function, out, print_json, print_result
 from nanovlm_cli.cli.options import BatchSizeOpt, CheckpointArg, DeviceOpt, EvalBackend, JsonOpt, as_str
+
+SHOWN_FLIPS = 20
+
+
+def _summary_table(result: Any) -> Table:
+    table = Table(title=f"{result.benchmark}: {result.checkpoint or ''}", title_justify="left", header_style="bold")
+    table.add_column("category", style="cyan")
+    table.add_column("n", justify="right")
+    table.add_column("accuracy", justify="right")
+    for category, accuracy in result.by_category.items():
+        table.add_row(category, str(result.n_by_category.get(category, "")), f"{accuracy:.4f}")
+    table.add_section()
+    table.add_row("[bold]overall[/]", str(result.n), f"[bold]{result.accuracy:.4f}[/]")
+    return table
+
+
+def _comparison_lines(result: Any) -> list[str]:
+    c = result.comparison
+    sign = "green" if c.delta > 0 else "red" if c.delta < 0 else "white"
+
+    def indices(values: list[Any]) -> str:
+        shown = ", ".join(str(v) for v in values[:SHOWN_FLIPS])
+        return shown + (f" (+{len(values) - SHOWN_FLIPS} more)" if len(values) > SHOWN_FLIPS else "")
+
+    return [
+        f"vs {c.other}: {c.other_accuracy:.4f} -> {result.accuracy:.4f} "
+        f"([{sign}]{c.delta:+.4f}[/]) on {c.n_common} common samples",
+        f"fixed ({len(c.fixed)}): {indices(c.fixed) or '-'}",
+        f"broken ({len(c.broken)}): {indices(c.broken) or '-'}",
+    ]
 
 
 def evaluate(
@@ -35,14 +67,31 @@ def evaluate(
     json_output: JsonOpt = False,
 ) -> None:
     """Score CHECKPOINT on a benchmark."""
-    # TODO(evaluation): provide nanovlm_cli.evaluation.evaluate_checkpoint(...) -> a result with to_dict().
     evaluate_checkpoint = library_function("nanovlm_cli.evaluation", "evaluate_checkpoint", "eval")
-    result = evaluate_checkpoint(
-        checkpoint, benchmark=benchmark, limit=limit, batch_size=batch_size, split=split, output_dir=as_str(output),
-        backend=backend, tasks=tasks.split(",") if tasks else None, device=device,
-    )
+    compare_results = library_function("nanovlm_cli.evaluation", "compare_results", "eval --compare")
+    if compare is not None and backend != "native":
+        from nanovlm_cli.errors import DataError
+
+        raise DataError("--compare works with the native backend only (lmms-eval keeps no per-sample ledger)")
+    progress = Progress(TextColumn("[bold]eval[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=err, transient=True)
+    with progress:
+        task = progress.add_task(benchmark, total=None)
+        result = evaluate_checkpoint(
+            checkpoint, benchmark=benchmark, limit=limit, batch_size=batch_size, split=split,
+            output_dir=as_str(output), backend=backend, tasks=[t for t in tasks.split(",") if t] if tasks else None,
+            device=device, on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
     if compare is not None:
-        # TODO(evaluation): provide nanovlm_cli.evaluation.compare_results(result, other_results_path).
-        compare_results = library_function("nanovlm_cli.evaluation", "compare_results", "eval --compare")
         result = compare_results(result, str(compare))
-    print_result(result, as_json=json_output, title=f"eval {benchmark}")
+    if json_output or not hasattr(result, "by_category"):
+        print_json(result) if json_output else print_result(result, as_json=False, title=f"eval {benchmark}")
+        return
+    out.print(_summary_table(result))
+    if result.unanswered:
+        out.print(f"{result.unanswered} of {result.n} replies named no option (counted wrong)")
+    if result.comparison is not None:
+        for line in _comparison_lines(result):
+            out.print(line, soft_wrap=True)
+    if result.output_dir:
+        err.print(f"wrote {result.output_dir}/results.json and ledger.jsonl", markup=False)

@@ -7,12 +7,34 @@ config, tokenizer, model card) into DIR and uploads nothing, so the card can be 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.table import Table
 
-from nanovlm_cli.cli.console import library_function, print_result
-from nanovlm_cli.cli.options import CheckpointArg, JsonOpt
+from nanovlm_cli.cli.console import err, library_function, out, print_json
+from nanovlm_cli.cli.options import CheckpointArg, JsonOpt, as_str
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _files_table(result: Any) -> Table:
+    where = result.folder if result.dry_run else result.url
+    title = f"{'dry run: would upload' if result.dry_run else 'uploaded'} to {result.repo_id} ({where})"
+    table = Table(title=title, title_justify="left", header_style="bold")
+    table.add_column("file", style="cyan")
+    table.add_column("size", justify="right")
+    for f in result.files:
+        table.add_row(f.name, _size(f.size))
+    table.add_section()
+    table.add_row("[bold]total[/]", _size(result.total_bytes))
+    return table
 
 
 def push(
@@ -26,13 +48,12 @@ def push(
     json_output: JsonOpt = False,
 ) -> None:
     """Upload CHECKPOINT to the Hub as REPO_ID, with a model card."""
-    if dry_run is not None:
-        prepare_upload_folder = library_function("nanovlm_cli.hub", "prepare_upload_folder", "push")
-        folder = prepare_upload_folder(Path(checkpoint), dry_run, repo_id=repo_id)
-        result = {"repo_id": repo_id, "dry_run": True, "folder": str(folder),
-                  "files": sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())}
+    push_checkpoint = library_function("nanovlm_cli.hub", "push_checkpoint", "push")
+    if dry_run is None:
+        err.print(f"uploading {checkpoint} to {repo_id} ...", markup=False)
+    result = push_checkpoint(checkpoint, repo_id, private=private, revision=revision, commit_message=commit_message,
+                             dry_run_dir=as_str(dry_run))
+    if json_output:
+        print_json(result)
     else:
-        push_checkpoint = library_function("nanovlm_cli.hub", "push_checkpoint", "push")
-        url = push_checkpoint(checkpoint, repo_id, private=private, revision=revision, commit_message=commit_message)
-        result = {"repo_id": repo_id, "url": url}
-    print_result(result, as_json=json_output, title=f"push {repo_id}")
+        out.print(_files_table(result))

@@ -1,0 +1,380 @@
+"""Evaluation: MMStar-format multiple choice (the Hub MMStar set, the built-in shapes set, local data), with a ledger.
+
+Main design choice: one prompt format for training and evaluation. Every question (which already lists its options)
+is asked with `mmstar_prompt`, answered greedily in batches, and the reply is mapped to an option letter by
+`extract_choice`, a cascade from strict to loose: the whole reply is a letter ("B", "(b)", "B."), the reply starts
+with one ("B. blue"), a phrase names one ("the answer is B"), a parenthesised letter, the reply names exactly one
+option's text ("blue"), and finally one standalone capital letter. Every sample is kept in the result's `records`
+(the per-sample ledger), so two runs can be compared sample by sample (`compare_results`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sized
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from nanovlm_cli.errors import DataError
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+LEDGER_FILE = "ledger.jsonl"
+DEFAULT_BATCH_SIZE = 16
+ProgressCallback = Callable[[int, "int | None"], None]  # (samples done, total or None)
+
+# ------------------------------------------------------------------------------------------------------------------
+# Options and answer extraction
+
+_OPTION_MARK = re.compile(r"(?<![A-Za-z0-9])\(?([A-H])\s*[.:)]\s+")
+
+
+def parse_options(question: str) -> dict[str, str]:
+    """The options listed in an MMStar-format question: {"A": "red", ...}; {} when none are found.
+
+    Accepts one option per line ("A. red", "(B) blue", "C: green") and MMStar's inline "Options: A: x, B: y, ...".
+    The longest run of consecutive letters starting at "A" wins, so a stray "A." in the question text is ignored.
+    """
+    marks = list(_OPTION_MARK.finditer(question))
+    best: list[re.Match[str]] = []
+    for start, mark in enumerate(marks):
+        if mark.group(1) != "A":
+            continue
+        run = [mark]
+        for nxt in marks[start + 1:]:
+            if nxt.group(1) == chr(ord(run[-1].group(1)) + 1):
+                run.append(nxt)
+        if len(run) >= len(best):
+            best = run
+    if len(best) < 2:
+        return {}
+    options = {}
+    for i, mark in enumerate(best):
+        end = best[i + 1].start() if i + 1 < len(best) else len(question)
+        text = question[mark.end():end]
+        if i + 1 == len(best):
+            text = text.split("\n")[0]  # the instruction may follow the last option
+        options[mark.group(1)] = text.strip().rstrip(",;").strip()
+    return options
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def _match_option_text(text: str, options: dict[str, str]) -> str | None:
+    said = _norm(text)
+    if not said:
+        return None
+    normed = {letter: _norm(option) for letter, option in options.items() if _norm(option)}
+    for letter, option in normed.items():
+        if option == said:
+            return letter
+    hits = [letter for letter, option in normed.items() if re.search(rf"(?<!\w){re.escape(option)}(?!\w)", said)]
+    # "dark red" mentioned: drop "red" when "dark red" is also an option that was hit
+    hits = [h for h in hits if not any(o != h and normed[h] in normed[o] for o in hits)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _clean_tail(text: str, end: int) -> bool:
+    """True when nothing word-like follows position `end` (a lowercase letter there is a letter, not "a ...")."""
+    return re.match(r"[\s*_`'\")\].,:;!]*$", text[end:]) is not None
+
+
+def extract_choice(prediction: str, options: dict[str, str] | None = None) -> str | None:
+    """The option letter a free-form reply chooses, or None when it names none (or several).
+
+    `options` (from `parse_options`) gives the valid letters and enables matching the option text; without it the
+    letters are A-D.
+    """
+    letters = "".join(options) if options else "ABCD"
+    text = prediction.strip()
+    if not text:
+        return None
+    any_case = f"[{letters}{letters.lower()}]"
+    # 1. the whole reply is a letter: "B", "(b)", "B.", "**B**", "[B]"
+    m = re.fullmatch(rf"[\s*_`'\"(\[]*({any_case})[\s*_`'\")\].:,]*", text)
+    if m:
+        return m.group(1).upper()
+    # 2. the reply starts with a letter and a delimiter: "B. blue", "(B) blue", "b) blue", "B: blue"
+    m = re.match(rf"[\s*_`'\"]*(?:\(({any_case})\)|({any_case})\s*[.:)\]](?!\w))", text)
+    if m:
+        return (m.group(1) or m.group(2)).upper()
+    # 3. a phrase names it: "Answer: B", "the answer is (b)", "the correct option is B", "I choose option C"
+    for m in re.finditer(rf"\b(?:answer|option|choice)s?\b(?:\s+(?:is|would be|should be))?\s*[:：]?\s*"
+                         rf"(?:option\s+|choice\s+)?[*_`'\"]*(\()?({any_case})(?![\w'])", text, re.IGNORECASE):
+        letter = m.group(2)
+        if letter.isupper() or m.group(1) or _clean_tail(text, m.end()):
+            return letter.upper()
+    # 4. parenthesised letters anywhere: "I think (C) is right"
+    found = {x.upper() for x in re.findall(rf"\(({any_case})\)", text)}
+    if len(found) == 1:
+        return found.pop()
+    # 5. the reply names exactly one option's text: "blue", "It is a blue square."
+    if options:
+        letter = _match_option_text(text, options)
+        if letter:
+            return letter
+    # 6. exactly one standalone capital letter (not the article "A word")
+    found = {m.group(1) for m in re.finditer(rf"(?<![\w'])([{letters}])(?![\w'])", text)
+             if not (m.group(1) == "A" and re.match(r"\s+[a-z]", text[m.end():]))}
+    return found.pop() if len(found) == 1 else None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class Comparison:
+    """This run against an earlier one, sample by sample (joined on the sample index)."""
+
+    other: str  # the other results.json
+    other_accuracy: float
+    delta: float  # this accuracy - other accuracy
+    n_common: int
+    fixed: list[Any] = field(default_factory=list)  # wrong before, right now
+    broken: list[Any] = field(default_factory=list)  # right before, wrong now
+
+
+@dataclass
+class EvalResult:
+    """Accuracy overall and per category, plus every sample in `records` (the ledger; left out of `to_dict`)."""
+
+    benchmark: str
+    n: int
+    accuracy: float
+    by_category: dict[str, float]
+    records: list[dict[str, Any]]
+    n_by_category: dict[str, int] = field(default_factory=dict)
+    unanswered: int = 0  # replies that named no option
+    wall_s: float = 0.0
+    checkpoint: str | None = None
+    output_dir: str | None = None
+    comparison: Comparison | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"benchmark": self.benchmark, "n": self.n, "accuracy": self.accuracy, "by_category": self.by_category,
+               "n_by_category": self.n_by_category, "unanswered": self.unanswered, "wall_s": round(self.wall_s, 3)}
+        if self.checkpoint is not None:
+            out["checkpoint"] = self.checkpoint
+        if self.output_dir is not None:
+            out["output_dir"] = self.output_dir
+        if self.comparison is not None:
+            out["comparison"] = vars(self.comparison).copy()
+        return out
+
+
+def summarise(benchmark: str, records: list[dict[str, Any]], wall_s: float = 0.0) -> EvalResult:
+    """An EvalResult from ledger records (each with "correct", "category" and "extracted")."""
+    if not records:
+        raise DataError(f"benchmark {benchmark!r} gave no samples to score; check --limit, --split and the data")
+    totals: dict[str, list[int]] = {}
+    for record in records:
+        counts = totals.setdefault(str(record["category"]), [0, 0])
+        counts[0] += bool(record["correct"])
+        counts[1] += 1
+    n_correct = sum(bool(r["correct"]) for r in records)
+    return EvalResult(
+        benchmark=benchmark, n=len(records), accuracy=n_correct / len(records),
+        by_category={c: right / n for c, (right, n) in sorted(totals.items())},
+        records=records, n_by_category={c: n for c, (_, n) in sorted(totals.items())},
+        unanswered=sum(r.get("extracted") is None for r in records), wall_s=wall_s,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Scoring a model
+
+
+def normalise_row(raw: dict[str, Any], position: int) -> dict[str, Any]:
+    """An MMStar-format row with every field present: index, question, image, answer (letter), category."""
+    for name in ("question", "image", "answer"):
+        if raw.get(name) is None:
+            raise DataError(f"benchmark row {position} has no {name!r} field; MMStar-format rows need "
+                            "question, image, answer (and optionally index, category)")
+    question = str(raw["question"])
+    options = parse_options(question)
+    answer = str(raw["answer"]).strip()
+    if len(answer) != 1 or not answer.isalpha():  # an answer given as option text
+        answer = _match_option_text(answer, options) or answer
+    index = raw.get("index")
+    return {"index": position if index is None else index, "question": question, "image": raw["image"],
+            "answer": answer.upper(), "category": str(raw.get("category") or "all"), "options": options}
+
+
+def _chunks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[tuple[int, dict[str, Any]]]]:
+    chunk: list[tuple[int, dict[str, Any]]] = []
+    for position, row in enumerate(rows):
+        chunk.append((position, row))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def evaluate(
+    model: Any,
+    processor: Any,
+    rows: Iterable[dict[str, Any]],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_new_tokens: int = 8,
+    on_progress: ProgressCallback | None = None,
+    benchmark: str = "custom",
+) -> EvalResult:
+    """Ask every MMStar-format row with `mmstar_prompt`, greedily, `batch_size` prompts at a time, and score it.
+
+    The model is put in eval mode for the run and restored afterwards (the training loop calls this mid-run).
+    """
+    from nanovlm_cli.data.images import load_image
+    from nanovlm_cli.data.shapes import mmstar_prompt
+    from nanovlm_cli.generation import Engine, SamplingConfig, user_message
+
+    if batch_size < 1:
+        raise DataError(f"batch_size={batch_size} must be >= 1")
+    total = len(rows) if isinstance(rows, Sized) else None
+    engine = Engine(model, processor)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True)
+    records: list[dict[str, Any]] = []
+    start, was_training = time.perf_counter(), model.training
+    model.eval()
+    try:
+        for chunk in _chunks(rows, batch_size):
+            batch = [normalise_row(raw, position) for position, raw in chunk]
+            prompts = [processor.encode_prompt(user_message(mmstar_prompt(row["question"]), 1),
+                                               [load_image(row["image"], name=f"benchmark row {row['index']}")])
+                       for row in batch]
+            texts = engine.generate(prompts, sampling).texts
+            for row, text in zip(batch, texts):
+                choice = extract_choice(text, row["options"] or None)
+                records.append({"index": row["index"], "question": row["question"], "prediction": text,
+                                "extracted": choice, "answer": row["answer"], "correct": choice == row["answer"],
+                                "category": row["category"]})
+            if on_progress is not None:
+                on_progress(len(records), total)
+    finally:
+        model.train(was_training)
+    result = summarise(benchmark, records, time.perf_counter() - start)
+    log.info("%s: accuracy %.4f on %d samples (%.1fs)", benchmark, result.accuracy, result.n, result.wall_s)
+    return result
+
+
+def evaluate_shapes(model: Any, processor: Any, n: int = 200, seed: int = 0, batch_size: int = 32) -> EvalResult:
+    """Accuracy on `n` built-in shapes MCQs (eval split): what the training loop reports at the end of a run."""
+    from nanovlm_cli.data.shapes import shapes_mmstar_rows
+
+    return evaluate(model, processor, shapes_mmstar_rows(n, seed=seed), batch_size=batch_size, benchmark="shapes")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Ledger files and comparison
+
+
+def write_results(result: EvalResult, directory: str | Path) -> Path:
+    """Write `results.json` and `ledger.jsonl` (one line per sample) into `directory`; returns results.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / LEDGER_FILE).open("w") as f:
+        for record in result.records:
+            f.write(json.dumps(record, default=str) + "\n")
+    path = directory / RESULTS_FILE
+    path.write_text(json.dumps({**result.to_dict(), "ledger": LEDGER_FILE}, indent=2, default=str) + "\n")
+    return path
+
+
+def read_results(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(results.json contents, ledger records) of an earlier run; `path` is results.json or its directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.is_file():
+        raise DataError(f"results file {path} does not exist; pass the results.json written by `nanovlm eval --output`")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); pass a results.json written by `nanovlm eval`") from exc
+    ledger = path.parent / str(results.get("ledger") or LEDGER_FILE)
+    if not ledger.is_file():
+        raise DataError(f"no per-sample ledger {ledger.name} next to {path}; re-run that eval with --output DIR")
+    records = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
+    return results, records
+
+
+def compare_results(result: EvalResult, other: str | Path) -> EvalResult:
+    """`result` with a Comparison to the earlier run at `other`: accuracy change and the samples that flipped."""
+    results, records = read_results(other)
+    before = {str(r["index"]): bool(r["correct"]) for r in records}
+    fixed, broken, common = [], [], 0
+    for record in result.records:
+        key = str(record["index"])
+        if key not in before:
+            continue
+        common += 1
+        if record["correct"] and not before[key]:
+            fixed.append(record["index"])
+        elif before[key] and not record["correct"]:
+            broken.append(record["index"])
+    if common == 0:
+        raise DataError(f"no sample index of this run appears in the ledger of {other}; compare runs of the same "
+                        "benchmark")
+    other_accuracy = float(results.get("accuracy", sum(before.values()) / max(len(before), 1)))
+    comparison = Comparison(str(other), other_accuracy, result.accuracy - other_accuracy, common, fixed, broken)
+    return replace(result, comparison=comparison)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# What `nanovlm eval` runs
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    *,
+    benchmark: str = "mmstar",
+    limit: int | None = None,
+    batch_size: int | None = None,
+    split: str | None = None,
+    output_dir: str | None = None,
+    backend: str = "native",
+    tasks: list[str] | None = None,
+    device: str = "auto",
+    max_new_tokens: int = 8,
+    seed: int = 0,
+    on_progress: ProgressCallback | None = None,
+) -> Any:
+    """Load `checkpoint`, score it on `benchmark`, write results.json + ledger.jsonl to `output_dir` when given.
+
+    With backend "lmms-eval" the checkpoint is handed to lmms-eval's `tasks` instead (see `lmms_adapter`).
+    """
+    if backend == "lmms-eval":
+        from nanovlm_cli.lmms_adapter import run_lmms_eval
+
+        return run_lmms_eval(checkpoint, tasks or [benchmark], limit=limit, batch_size=batch_size or 1,
+                             device=device, output_dir=output_dir)
+    if backend != "native":
+        raise DataError(f"backend={backend!r} is not one of native, lmms-eval")
+    if tasks:
+        raise DataError("--tasks applies to --backend lmms-eval only; use --benchmark with the native backend")
+    from nanovlm_cli.benchmarks import load_benchmark
+    from nanovlm_cli.checkpoint.io import load_model
+    from nanovlm_cli.data.processor import Processor
+    from nanovlm_cli.distributed import resolve_device
+    from nanovlm_cli.generation import resolve_dtype
+
+    data = load_benchmark(benchmark, split=split, limit=limit, seed=seed)  # data errors before the model loads
+    torch_device = resolve_device(device)
+    loaded = load_model(checkpoint, device=torch_device, dtype=resolve_dtype("auto", torch_device))
+    result = evaluate(loaded.model, Processor(loaded.cfg, loaded.tokenizer), data.rows,
+                      batch_size=batch_size or DEFAULT_BATCH_SIZE, max_new_tokens=max_new_tokens,
+                      on_progress=on_progress, benchmark=data.name)
+    result = replace(result, checkpoint=str(checkpoint))
+    if output_dir is not None:
+        result = replace(result, output_dir=str(output_dir))
+        write_results(result, output_dir)
+    return result
