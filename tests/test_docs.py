@@ -101,3 +101,21 @@ def test_man_page_renders_without_warnings():
     for heading in ("NAME", "SYNOPSIS", "DESCRIPTION", "COMMANDS", "EXIT STATUS", "ENVIRONMENT", "EXAMPLES"):
         assert heading in text
     assert "nanovlm train [OPTIONS]" in text and "--gradient-checkpointing" in text
+
+
+def test_readme_setup_commands_presets_and_config_example(tmp_path):
+    from nanovlm_cli.presets import PRESETS
+    from nanovlm_cli.run_config import resolve_run_config
+
+    readme = (ROOT / "README.md").read_text()
+    assert "pip install torch==2.14.1 torchvision==0.29.1 && pip install -e . && nanovlm train --preset tiny" in readme
+    assert "pip install -e '.[dev]' && python -m pytest -q" in readme
+    assert "python -m pytest -q" in (ROOT / ".ci/run").read_text()
+    for name in PRESETS:
+        assert f"| `{name}` |" in readme, f"preset {name} missing from the README presets table"
+    for command in ("train", "generate", "eval", "vram", "validate", "push"):
+        assert f"### {command}" in readme
+    example = re.search(r"```toml\n(.*?)```", readme, re.DOTALL).group(1)
+    (tmp_path / "run.toml").write_text(example)
+    model, train = resolve_run_config("default", config_file=str(tmp_path / "run.toml"))
+    assert (train.batch_size, train.lr_vision, model.image.max_grid) == (8, 1e-5, 4)

@@ -41,7 +41,8 @@ def test_toml_file_sets_train_fields_and_merges_model_table(tmp_path):
 
 
 def test_json_file_with_model_key(tmp_path):
-    cfg = write(tmp_path, "run.json", json.dumps({"max_steps": 11, "model": {"projector": {"pixel_shuffle_factor": 1}}}))
+    data = {"max_steps": 11, "model": {"projector": {"pixel_shuffle_factor": 1}}}
+    cfg = write(tmp_path, "run.json", json.dumps(data))
     model, train = resolve_run_config("tiny", config_file=cfg)
     assert train.max_steps == 11
     assert model.projector.pixel_shuffle_factor == 1

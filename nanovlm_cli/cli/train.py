@@ -14,13 +14,12 @@ import typer
 
 from nanovlm_cli.cli.console import library_function, mapping_table, out, print_json, print_result
 from nanovlm_cli.cli.options import (
+    MEMORY_PANEL,
     CompileOpt,
-    DeviceOpt,
     Dinov3ModelName,
     FreezeVisionOpt,
     GradientCheckpointingOpt,
     JsonOpt,
-    MEMORY_PANEL,
     LanguageModelName,
     PresetOpt,
     ReportTo,
