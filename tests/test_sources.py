@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nanovlm_cli.data.sources import RecordError, SkipCounter, StreamRecords, open_source, row_to_record
+from nanovlm_cli.data.schemas import RecordError, row_to_record
+from nanovlm_cli.data.sources import SkipCounter, StreamRecords, open_source
 from nanovlm_cli.errors import DataError
 
 
@@ -178,3 +179,18 @@ def test_skip_counter_merges_and_round_trips():
     c = SkipCounter()
     c.load_state_dict(a.state_dict())
     assert c.as_dict() == a.as_dict() and c.all_reduced().as_dict() == a.as_dict()
+
+
+def test_a_directory_of_jsonl_files_concatenates_with_global_indices(tmp_path: Path):
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    for name, n in (("a.jsonl", 2), ("b.jsonl", 3)):
+        (tmp_path / name).write_text("\n".join(json.dumps(good) for _ in range(n)))
+    source = open_source(str(tmp_path))
+    assert len(source) == 5 and [source[i].source_index for i in range(5)] == [0, 1, 2, 3, 4]
+
+
+def test_builtin_shapes_and_unreachable_hub_ids():
+    shapes = open_source("shapes", size=5, split="train")
+    assert len(shapes) == 5 and len(shapes[0].images) == 1
+    with pytest.raises(DataError, match="could not load dataset 'someone/not-a-dataset'"):
+        open_source("someone/not-a-dataset", config="a,b")

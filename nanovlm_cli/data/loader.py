@@ -98,9 +98,11 @@ class TrainLoader:
         return math.ceil(self.shard_len / self.batch_size) if self.map_style else None
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if self._perm_cache is None or self._perm_cache[0] != epoch:
-            self._perm_cache = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.source)))
-        return self._perm_cache[1]
+        cache = self._perm_cache  # read once: the prefetch thread may replace it concurrently
+        if cache is None or cache[0] != epoch:
+            cache = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.source)))
+            self._perm_cache = cache
+        return cache[1]
 
     def shard_indices(self, epoch: int, start: int, stop: int) -> list[int]:
         """Dataset indices at positions [start, stop) of this rank's shard in `epoch`."""
@@ -122,7 +124,7 @@ class TrainLoader:
     def _build(self, epoch: int, start: int, items: list[Any], next_epoch: int, next_start: int,
                extra_skips: SkipCounter | None = None) -> _Window:
         encoded = list(self._pool.map(self._encode_one, items)) if self._pool else [self._encode_one(i) for i in items]
-        delta = extra_skips or SkipCounter()
+        delta = extra_skips if extra_skips is not None else SkipCounter()
         samples = []
         for out in encoded:
             if isinstance(out, str):
@@ -269,7 +271,7 @@ def _prefetch(windows: Iterator[_Window], depth: int) -> Iterator[_Window]:
                 if stop.is_set():
                     return
             item = _END
-        except BaseException as exc:  # re-raised in the consumer
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread, which re-raises it
             item = exc
         while not stop.is_set():
             try:
