@@ -337,7 +337,8 @@ class TrainConfig(_Config):
     max_steps: int = 1000
     max_seq_len: int = 1024
     max_images_per_row: int = 16
-    packing: bool = True
+    packing: bool = True  # knapsack-pack several samples per row (off: one sample per row)
+    pack_buffer: int = 4  # batches whose samples are packed together (1 keeps each batch's samples together)
     lr_mp: float = 2e-3
     lr_vision: float = 5e-5
     lr_language: float = 5e-5
@@ -370,7 +371,8 @@ class TrainConfig(_Config):
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "max_seq_len",
-                     "save_checkpoint_steps", "validation_steps", "console_log_interval", "max_images_per_row"):
+                     "save_checkpoint_steps", "validation_steps", "console_log_interval", "max_images_per_row",
+                     "pack_buffer"):
             _require(getattr(self, name) > 0, f"train.{name}={getattr(self, name)} must be positive")
         for name in ("lr_mp", "lr_vision", "lr_language", "weight_decay"):
             _require(getattr(self, name) >= 0 and math.isfinite(getattr(self, name)),

@@ -1,0 +1,305 @@
+"""The training loop: packed batches -> token-weighted loss -> AdamW, with exact resume and DDP.
+
+Design choices:
+- The loss of an optimiser step is the sum of cross-entropy over every supervised token of all its micro-batches on
+  all ranks, divided by that global token count. So 2 processes with batch b give the same update as 1 process with
+  batch 2b, and gradient accumulation is exact, whatever the packing.
+- A checkpoint holds everything the next step depends on (weights, optimizer, scheduler, step, RNG states, the data
+  loader's position including its packing buffer), so a resumed run reproduces the uninterrupted one.
+- Ctrl-C / SIGTERM finish the current step, save a checkpoint and return normally (`summary.interrupted`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from nanovlm_cli.checkpoint.io import build_model, load_model, save_model
+from nanovlm_cli.config import TrainConfig, VLMConfig
+from nanovlm_cli.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from nanovlm_cli.errors import TrainingError
+from nanovlm_cli.training import state as st
+from nanovlm_cli.training.data import TrainingData, build_training_data
+from nanovlm_cli.training.metrics import (
+    NullCallback, RunInfo, StepMetrics, TrainCallback, TrainSummary, memory_snapshot,
+)
+from nanovlm_cli.training.optim import apply_freezing, build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a test runner thread): no signal handling
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_dir(model_cfg: VLMConfig, cfg: TrainConfig) -> Path:
+    name = cfg.run_name or time.strftime("nanovlm-%Y%m%d-%H%M%S")
+    return Path(cfg.output_dir) / name
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, batches: list, device: torch.device, info: DistInfo) -> float | None:
+    if not batches and not info.enabled:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        with _autocast(device):
+            out = model.loss(batch.to(device))
+        total += float(out.loss_sum)
+        count += out.n_tokens
+    model.train(was_training)
+    total, count = all_reduce_sum(total, info, device), all_reduce_sum(count, info, device)
+    return total / count if count else None
+
+
+def train(
+    model_cfg: VLMConfig,
+    cfg: TrainConfig,
+    *,
+    callback: TrainCallback | None = None,
+) -> TrainSummary:
+    """Train (or resume, with `cfg.resume`) and return the run's summary. Rank 0 alone writes files."""
+    callback = callback or NullCallback()
+    info, device = init_distributed(cfg.device)
+    if cfg.max_threads:
+        torch.set_num_threads(cfg.max_threads)
+    try:
+        return _train(model_cfg, cfg, callback, info, device)
+    finally:
+        shutdown(info)
+
+
+def _train(model_cfg: VLMConfig, cfg: TrainConfig, callback: TrainCallback, info: DistInfo,
+           device: torch.device) -> TrainSummary:
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    resume_state: dict[str, Any] | None = None
+    if cfg.resume:
+        checkpoint, run_dir = st.find_resume_checkpoint(cfg.resume)
+        loaded = load_model(checkpoint, device=device)
+        resume_state = st.load_training_state(checkpoint)
+        model_cfg = loaded.cfg
+    else:
+        run_dir = _run_dir(model_cfg, cfg)
+        loaded = build_model(model_cfg, load_backbones=True, device=device)
+        model_cfg = loaded.cfg
+    model, tokenizer = loaded.model, loaded.tokenizer
+    model.train()
+    apply_freezing(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.vision.gradient_checkpointing = True
+        model.language.gradient_checkpointing = True
+    optimizer = build_optimizer(model, cfg, device)
+    scheduler = build_scheduler(optimizer, cfg)
+    data: TrainingData = build_training_data(model_cfg, cfg, tokenizer, info)
+    step = 0
+    best_val: float | None = None
+    best_dir: Path | None = None
+    samples_seen = tokens_seen = 0
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        data.loader.load_state_dict(resume_state["data"])
+        data.skips.load_state_dict(resume_state["skips"])
+        step = int(resume_state["step"])
+        best_val = resume_state.get("best_val_loss")
+        best_dir = Path(resume_state["best_dir"]) if resume_state.get("best_dir") else None
+        samples_seen, tokens_seen = int(resume_state["samples_seen"]), int(resume_state["tokens_seen"])
+        st.restore_rng(resume_state["rng"][info.rank] if isinstance(resume_state["rng"], list) else resume_state["rng"])
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run_config.json").write_text(json.dumps({"model": model_cfg.to_dict(), "train": cfg.to_dict()},
+                                                            indent=2))
+        st.truncate_metrics(run_dir / "metrics.jsonl", step)
+    if cfg.compile:
+        model.language.compile()
+        model.vision.compile()
+    ddp_model = DistributedDataParallel(
+        _LossModule(model), device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,  # text-only batches leave the vision encoder unused
+    ) if info.enabled else None
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    callback.on_start(RunInfo(str(run_dir), run_dir.name, str(device), info.world_size, n_trainable, n_frozen,
+                              cfg.max_steps, step, str(cfg.resume) if cfg.resume else None))
+
+    def save(directory: Path, rng: Any) -> Path:
+        extra = {st.STATE_FILE: st.serialize_state({
+            "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "data": data.loader.state_dict(), "skips": data.skips.state_dict(), "rng": rng,
+            "samples_seen": samples_seen, "tokens_seen": tokens_seen, "best_val_loss": best_val,
+            "best_dir": str(best_dir) if best_dir else None, "train_config": cfg.to_dict(),
+        })}
+        return save_model(model, directory, tokenizer=tokenizer, extra_files=extra)
+
+    def gathered_rng() -> list[dict[str, Any]] | dict[str, Any]:
+        if not info.enabled:
+            return st.capture_rng()
+        out: list[Any] = [None] * info.world_size
+        torch.distributed.all_gather_object(out, st.capture_rng())
+        return out
+
+    metrics_file = (run_dir / "metrics.jsonl").open("a") if info.is_main else None
+    batches = iter(data.loader)
+    last_loss: float | None = None
+    val_loss: float | None = None
+    nonfinite_in_row = nonfinite_total = 0
+    interrupted = False
+    with _StopFlag() as stop:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+            t_data = time.perf_counter() - t0
+            local_tokens = sum(int(((b.labels[:, 1:] != -100) & (b.segment_ids[:, 1:] == b.segment_ids[:, :-1])).sum())
+                               for b in micro)
+            global_tokens = all_reduce_sum(local_tokens, info, device)
+            scale = info.world_size / max(global_tokens, 1.0)  # DDP averages gradients over ranks
+            loss_sum = 0.0
+            for i, batch in enumerate(micro):
+                batch = batch.to(device, non_blocking=True)
+                sync = i == len(micro) - 1
+                ctx = ddp_model.no_sync() if (ddp_model is not None and not sync) else contextlib.nullcontext()
+                with ctx:
+                    with _autocast(device):
+                        batch_loss = ddp_model(batch) if ddp_model is not None else model.loss(batch).loss_sum
+                    (batch_loss * scale).backward()
+                loss_sum += float(batch_loss.detach())
+            step_loss = all_reduce_sum(loss_sum, info, device) / max(global_tokens, 1.0)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm))
+            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+                nonfinite_in_row = 0
+            else:
+                nonfinite_in_row += 1
+                nonfinite_total += 1
+                log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); step skipped",
+                            step + 1, step_loss, grad_norm)
+                if nonfinite_in_row >= cfg.max_nonfinite_steps:
+                    raise TrainingError(f"{nonfinite_in_row} non-finite steps in a row at step {step + 1}; lower the "
+                                        "learning rates or check the data (see metrics.jsonl)")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            n_samples = int(all_reduce_sum(sum(b.n_samples for b in micro), info, device))
+            n_tok = int(all_reduce_sum(sum(b.n_tokens for b in micro), info, device))
+            samples_seen += n_samples
+            tokens_seen += n_tok
+            dt = time.perf_counter() - t0
+            last_loss = step_loss if finite else last_loss
+            metrics = StepMetrics(
+                step=step, loss=step_loss, lr={g["name"]: g["lr"] for g in optimizer.param_groups},
+                grad_norm=grad_norm, tokens_per_s=n_tok / dt, samples_per_s=n_samples / dt,
+                data_wait_fraction=t_data / dt, memory=memory_snapshot(device), step_time_s=dt,
+                samples_seen=samples_seen, skipped_nonfinite=nonfinite_total,
+            )
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(metrics.to_dict()) + "\n")
+                metrics_file.flush()
+            callback.on_step(metrics)
+            if step % cfg.validation_steps == 0 or step == cfg.max_steps:
+                val_loss = validation_loss(model, data.validation, device, info)
+                if val_loss is not None:
+                    callback.on_validation(step, val_loss)
+            stop_now = bool(all_reduce_sum(float(stop.requested), info, device))
+            if step % cfg.save_checkpoint_steps == 0 or stop_now:
+                path: Path | None = None
+                is_best = val_loss is not None and (best_val is None or val_loss < best_val) \
+                    and step % cfg.validation_steps == 0
+                if is_best:
+                    best_val = val_loss
+                    best_dir = run_dir / "checkpoints" / f"step-{step:06d}"
+                rng_for_save = gathered_rng()  # a collective under DDP: every rank joins
+                if info.is_main:
+                    path = _save_step(save, run_dir, step, rng_for_save)
+                    st.prune_checkpoints(run_dir, cfg.keep_last_checkpoints, best_dir)
+                    callback.on_checkpoint(step, str(path))
+                barrier(info)
+            if stop_now:
+                interrupted = True
+                break
+    if metrics_file is not None:
+        metrics_file.close()
+    final_dir: Path | None = None
+    rng_final = gathered_rng()
+    if info.is_main:
+        final_dir = _save_step(save, run_dir, step, rng_final, name="final") if not interrupted \
+            else st.checkpoint_dirs(run_dir)[-1]
+    barrier(info)
+    wall = time.perf_counter() - t_start
+    summary = TrainSummary(
+        run_dir=str(run_dir), steps=step, samples_seen=samples_seen, tokens_seen=tokens_seen,
+        skipped=data.skips.all_reduced().as_dict(),
+        final_loss=last_loss, best_val_loss=best_val, final_val_loss=val_loss, wall_time_s=wall,
+        samples_per_s=samples_seen / wall, tokens_per_s=tokens_seen / wall,
+        final_checkpoint=str(final_dir) if final_dir else None, interrupted=interrupted, dataset=cfg.dataset,
+        nonfinite_steps=nonfinite_total,
+    )
+    if info.is_main and not interrupted:
+        summary.eval = data.final_eval(model, device) if data.final_eval is not None else None
+        (run_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        if final_dir is not None:
+            (final_dir / "training_summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+            if summary.eval:
+                (final_dir / "eval_results.json").write_text(json.dumps(summary.eval, indent=2) + "\n")
+        if cfg.hf_repo_name:
+            from nanovlm_cli.hub import push_checkpoint
+
+            push_checkpoint(final_dir, cfg.hf_repo_name)
+    callback.on_end(summary)
+    return summary
+
+
+class _LossModule(torch.nn.Module):
+    """What DDP wraps: its forward is the summed loss, so DDP's gradient hooks see the whole computation."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.model.loss(batch).loss_sum
+
+
+def _save_step(save: Any, run_dir: Path, step: int, rng: Any, name: str | None = None) -> Path:
+    directory = run_dir / (name or f"checkpoints/step-{step:06d}")
+    return save(directory, rng)

@@ -1,0 +1,107 @@
+"""Run directories, training checkpoints and exact resume.
+
+Layout of a run:
+
+    <output_dir>/<run_name>/
+        run_config.json                 the model and train configs the run started with
+        metrics.jsonl                   one line per optimiser step
+        checkpoints/step-000200/        model files + training_state.pt (optimizer, scheduler, step, RNG, data position)
+        final/                          the last model (also with training_state.pt)
+        summary.json
+
+Each checkpoint is written atomically by `checkpoint.io.save_model`, so a crash or SIGKILL mid-save leaves every
+earlier checkpoint whole. `training_state.pt` holds plain tensors and Python containers only and is read with
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanovlm_cli.errors import TrainingError
+
+STATE_FILE = "training_state.pt"
+
+
+def capture_rng() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def serialize_state(state: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def load_training_state(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / STATE_FILE
+    if not path.is_file():
+        raise TrainingError(f"{checkpoint} has no {STATE_FILE}, so training cannot resume from it exactly; "
+                            "pass a checkpoint written by `nanovlm train` (checkpoints/step-N or final)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Step checkpoints of a run, oldest first (temporary and half-written directories are ignored)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def find_resume_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(checkpoint dir, run dir) for `--resume PATH`, where PATH is a run directory or a checkpoint inside one."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return path, run_dir
+    candidates = checkpoint_dirs(path)
+    final = path / "final"
+    if final.is_dir() and (final / STATE_FILE).is_file():
+        candidates.append(final)
+    if not candidates:
+        raise TrainingError(f"no checkpoint with {STATE_FILE} under {path}; pass a run directory of "
+                            "`nanovlm train` or one of its checkpoints/step-N directories")
+    latest = max(candidates, key=lambda p: load_step(p))
+    return latest, path
+
+
+def load_step(checkpoint: Path) -> int:
+    return int(torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)["step"])
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, protect: Path | None) -> None:
+    """Delete all but the newest `keep_last` step checkpoints, never the `protect`ed (best) one."""
+    dirs = checkpoint_dirs(run_dir)
+    for old in dirs[:-keep_last] if keep_last else dirs:
+        if protect is not None and old.resolve() == protect.resolve():
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines after `last_step` (written by a run killed after its last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
