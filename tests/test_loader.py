@@ -95,6 +95,13 @@ def test_rows_respect_the_image_cap_and_the_length():
             assert views <= 2
 
 
+def test_without_packing_every_row_holds_one_sample_and_the_epoch_is_complete():
+    batches = list(make_loader(records(40), epochs=1, packing=False))
+    assert len(batches) == 10 and all(int(b.segment_ids.max()) == 1 for b in batches)
+    assert all(3 <= b.input_ids.shape[0] <= 4 for b in batches)  # batch_size rows, less the invalid records
+    assert sorted(i for b in batches for i in seen(b)) == [i for i in range(40) if i % 7 != 3]
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 10, 11, 13])  # mid-window, window edges, epoch edge (10), next epoch
 def test_resume_yields_exactly_the_batches_the_uninterrupted_loader_would(k):
     source = records(37)

@@ -69,6 +69,11 @@ def test_min_rows_splits_rows_so_each_batch_gets_one():
     assert len(rows) == 3 and sorted(i for r in rows for i in r) == [0, 1, 2, 3]
 
 
+def test_max_samples_per_row_one_turns_packing_off():
+    samples = [make_sample(i, n) for i, n in enumerate([5, 3, 4, 2])]
+    assert pack(samples, max_seq_len=8, max_images_per_row=4, max_samples_per_row=1) == [[0], [2], [1], [3]]
+
+
 def test_balance_rows_matches_the_docstring_example():
     assert balance_rows([8, 7, 6, 2], 2) == [[0, 3], [1, 2]]
 

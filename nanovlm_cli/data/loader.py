@@ -63,7 +63,7 @@ class TrainLoader:
     def __init__(self, source: Any, encode: Callable[[Record], Sample], *, batch_size: int, max_seq_len: int,
                  max_images_per_row: int, seed: int, rank: int = 0, world_size: int = 1,
                  skips: SkipCounter | None = None, pack_buffer: int = DEFAULT_PACK_BUFFER, num_workers: int = 0,
-                 epochs: int | None = None, pad_token_id: int = 0) -> None:
+                 epochs: int | None = None, pad_token_id: int = 0, packing: bool = True) -> None:
         if batch_size <= 0 or max_seq_len <= 0 or pack_buffer <= 0 or num_workers < 0:
             raise DataError(f"batch_size={batch_size}, max_seq_len={max_seq_len}, pack_buffer={pack_buffer} must be "
                             f"positive and num_workers={num_workers} >= 0")
@@ -73,6 +73,7 @@ class TrainLoader:
         self.batch_size, self.max_seq_len, self.max_images_per_row = batch_size, max_seq_len, max_images_per_row
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.pack_buffer, self.num_workers, self.epochs, self.pad_token_id = pack_buffer, num_workers, epochs, pad_token_id
+        self.packing = packing  # False: one sample per row (rows still dealt into balanced batches)
         self.skips = skips if skips is not None else SkipCounter()
         self.map_style = is_map_style(source)
         if self.map_style and len(source) == 0:
@@ -133,13 +134,17 @@ class TrainLoader:
                 samples.append(out)
         n_batches = math.ceil(len(items) / self.batch_size)
         rows = pack(samples, max_seq_len=self.max_seq_len, max_images_per_row=self.max_images_per_row,
-                    min_rows=n_batches, skips=delta)
+                    min_rows=n_batches, max_samples_per_row=None if self.packing else 1, skips=delta)
         batches = []
         if rows:
             if len(rows) < n_batches:
                 logger.warning("epoch %d window at %d: only %d usable rows for %d batches; this rank yields fewer "
                                "batches (check the skip counts)", epoch, start, len(rows), n_batches)
-            groups = balance_rows([sum(len(samples[i]) for i in row) for row in rows], min(n_batches, len(rows)))
+            n_groups = min(n_batches, len(rows))
+            if self.packing:
+                groups = balance_rows([sum(len(samples[i]) for i in row) for row in rows], n_groups)
+            else:  # one sample per row, rows longest first: even consecutive groups have similar lengths (less padding)
+                groups = [g.tolist() for g in np.array_split(np.arange(len(rows)), n_groups)]
             batches = [collate([[samples[i] for i in rows[r]] for r in g], pad_token_id=self.pad_token_id)
                        for g in groups]
         return _Window(epoch, start, next_epoch, next_start, batches, delta.as_dict())

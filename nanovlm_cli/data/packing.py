@@ -42,7 +42,7 @@ IGNORE_INDEX = -100
 
 
 def pack(samples: Sequence[Sample], *, max_seq_len: int, max_images_per_row: int, min_rows: int = 1,
-         skips: SkipCounter | None = None) -> list[list[int]]:
+         max_samples_per_row: int | None = None, skips: SkipCounter | None = None) -> list[list[int]]:
     """Group sample indices into rows of at most `max_seq_len` tokens and `max_images_per_row` image views.
 
     First-fit-decreasing: visit samples longest first (ties: earlier first) and put each into the first row with
@@ -50,7 +50,8 @@ def pack(samples: Sequence[Sample], *, max_seq_len: int, max_images_per_row: int
     tokens than `max_seq_len`: "too_long"; more views than `max_images_per_row`: "too_many_images") are skipped
     and counted. If fewer than `min_rows` rows result, the fullest rows give their last-placed sample to a new row
     until there are `min_rows` (or every row holds one sample), so a window of samples always fills its batches.
-    Each row lists its samples in input order.
+    `max_samples_per_row=1` turns packing off (one sample per row, same skips). Each row lists its samples in
+    input order.
 
     Example, capacity 8 tokens, lengths [5, 3, 4, 2]: visit 5, 4, 3, 2 -> 5 opens row A, 4 opens row B (5+4 > 8),
     3 fits A (8), 2 fits B (6) -> rows [[0, 1], [2, 3]], 14 of 16 slots used.
@@ -70,7 +71,8 @@ def pack(samples: Sequence[Sample], *, max_seq_len: int, max_images_per_row: int
             if skips is not None:
                 skips.add(reason)
             continue
-        target = next((r for r in range(len(rows)) if room_tokens[r] >= n_tokens and room_views[r] >= n_views), None)
+        target = next((r for r in range(len(rows)) if room_tokens[r] >= n_tokens and room_views[r] >= n_views
+                       and (max_samples_per_row is None or len(rows[r]) < max_samples_per_row)), None)
         if target is None:
             rows.append([])
             room_tokens.append(max_seq_len)
