@@ -173,10 +173,10 @@ class _Validator:
         self.upstream = is_upstream_config(self.raw)
         found = ["config.json", *(w.name for w in weight_files(directory))]
         if not self.upstream:
-            tokenizer_files = [n for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+            tokenizer_files = [n for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
                                if (directory / n).is_file()]
-            if not tokenizer_files:
-                raise CheckpointError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in "
+            if not set(tokenizer_files) - {"tokenizer_config.json"}:  # the config alone holds no vocabulary
+                raise CheckpointError(f"no tokenizer files (tokenizer.json, tokenizer.model or vocab.json) in "
                                       f"{directory}; re-save the checkpoint with its tokenizer")
             found += tokenizer_files
         return f"{directory}: {', '.join(found)}"

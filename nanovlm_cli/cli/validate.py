@@ -1,7 +1,7 @@
 """`nanovlm validate`: a pre-flight check that a checkpoint is sound (files, config, tokenizer, keys, shapes).
 
-Thin layer over the library's checkpoint validation; exits 1 when the report says the checkpoint is not sound,
-so scripts can gate on it.
+Thin layer over `nanovlm_cli.validation.validate_checkpoint`: a table (or `--json`) of every check, then exit 0
+when all passed, else one red line per problem and exit 1, so scripts can gate on it.
 """
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
+from rich.table import Table
 
-from nanovlm_cli.cli.console import library_function, print_error, print_result
+from nanovlm_cli.cli.console import library_function, out, print_error, print_json
 from nanovlm_cli.cli.options import CheckpointArg, DeviceOpt, JsonOpt
 
 
@@ -22,10 +24,21 @@ def validate(
     json_output: JsonOpt = False,
 ) -> None:
     """Check that CHECKPOINT loads and is consistent."""
-    # TODO(checkpoint): provide nanovlm_cli.checkpoint.validate_checkpoint(...) -> a report with .ok and to_dict().
-    validate_checkpoint = library_function("nanovlm_cli.checkpoint", "validate_checkpoint", "validate")
+    validate_checkpoint = library_function("nanovlm_cli.validation", "validate_checkpoint", "validate")
     report = validate_checkpoint(checkpoint, generate=generate, device=device)
-    print_result(report, as_json=json_output, title=f"validate {checkpoint}")
-    if not getattr(report, "ok", True):
-        print_error(f"checkpoint {checkpoint} failed validation; see the report above")
+    if json_output:
+        print_json(report)
+    else:
+        table = Table(title=f"validate {checkpoint}", title_justify="left", header_style="bold")
+        table.add_column("check", style="cyan", no_wrap=True)
+        table.add_column("", no_wrap=True)
+        table.add_column("detail", overflow="fold")
+        for check in report.checks:
+            mark = "[dim]skip[/]" if check.skipped else "[green]ok[/]" if check.ok else "[bold red]FAIL[/]"
+            table.add_row(check.name, mark, escape(check.detail))
+        out.print(table)
+    if not report.ok:
+        for check in report.problems:
+            if not check.skipped:
+                print_error(f"{check.name}: {check.detail}")
         raise typer.Exit(1)

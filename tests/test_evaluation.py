@@ -1,0 +1,193 @@
+"""Evaluation: option parsing, letter extraction, scoring, benchmark files, ledgers, comparison and `nanovlm eval`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nanovlm_cli.benchmarks import load_benchmark
+from nanovlm_cli.checkpoint.io import build_model, save_model
+from nanovlm_cli.cli.app import run
+from nanovlm_cli.data.processor import Processor
+from nanovlm_cli.data.shapes import CATEGORIES, shapes_mmstar_rows
+from nanovlm_cli.errors import ConfigError, DataError
+from nanovlm_cli.evaluation import (
+    compare_results, evaluate, evaluate_checkpoint, evaluate_shapes, extract_choice, parse_options, read_results,
+    summarise, write_results,
+)
+from nanovlm_cli.presets import get_preset
+
+COLOURS_Q = "What colour is the shape?\nA. red\nB. blue\nC. dark red\nD. pink"
+MMSTAR_Q = ("Which option describe the object relationship in the image correctly?\nOptions: A: The suitcase is on "
+            "the book., B: The suitcase is beneath the cat., C: The suitcase is beneath the bed., D: The suitcase is "
+            "beneath the book.")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_model(get_preset("tiny").model, load_backbones=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny, tmp_path_factory):
+    return save_model(tiny.model, tmp_path_factory.mktemp("eval") / "ckpt", tokenizer=tiny.tokenizer)
+
+
+def test_parse_options_reads_one_per_line_and_mmstar_inline_formats():
+    assert parse_options(COLOURS_Q) == {"A": "red", "B": "blue", "C": "dark red", "D": "pink"}
+    assert parse_options(MMSTAR_Q) == {"A": "The suitcase is on the book.", "B": "The suitcase is beneath the cat.",
+                                       "C": "The suitcase is beneath the bed.", "D": "The suitcase is beneath the book."}
+    assert parse_options("Pick one:\n(A) cat\n(B) dog\n(C) cow") == {"A": "cat", "B": "dog", "C": "cow"}
+    assert parse_options("What is shown? A. is not an option list") == {}
+
+
+@pytest.mark.parametrize("reply, letter", [
+    ("B", "B"), ("b", "B"), ("(B)", "B"), ("B.", "B"), ("[C]", "C"), ("**D**", "D"), (" c \n", "C"),
+    ("B. blue", "B"), ("(B) blue", "B"), ("b) blue", "B"), ("D: pink", "D"),
+    ("Answer: B", "B"), ("answer:b", "B"), ("The answer is (c).", "C"), ("the answer is b", "B"),
+    ("The correct option is D", "D"), ("I choose option A.", "A"), ("The correct answer is D: pink", "D"),
+    ("I think (D) is right", "D"),
+    ("blue", "B"), ("It is dark red.", "C"), ("Pink", "D"), ("red", "A"),
+    ("", None), ("B and C", None), ("the answer is a circle", None), ("I am not sure", None),
+])
+def test_extract_choice_reads_the_letter_from_many_reply_styles(reply, letter):
+    assert extract_choice(reply, parse_options(COLOURS_Q)) == letter
+
+
+def test_extract_choice_without_options_knows_only_letters():
+    assert extract_choice("The answer is C") == "C"
+    assert extract_choice("blue") is None
+    assert extract_choice("A dog runs") is None  # the article, not option A
+
+
+def test_extract_choice_matches_long_mmstar_option_text():
+    assert extract_choice("The suitcase is beneath the bed.", parse_options(MMSTAR_Q)) == "C"
+
+
+def test_summarise_computes_overall_and_per_category_accuracy():
+    records = [{"index": i, "correct": c, "category": cat, "extracted": "A" if c else None}
+               for i, (c, cat) in enumerate([(True, "x"), (False, "x"), (True, "y"), (True, "y")])]
+    result = summarise("demo", records)
+    assert result.n == 4 and result.accuracy == 0.75
+    assert result.by_category == {"x": 0.5, "y": 1.0} and result.n_by_category == {"x": 2, "y": 2}
+    assert result.unanswered == 1
+    assert "records" not in result.to_dict()
+
+
+def test_evaluate_scores_every_row_restores_training_mode_and_reports_progress(tiny):
+    processor = Processor(tiny.cfg, tiny.tokenizer)
+    rows = shapes_mmstar_rows(7, seed=1)
+    seen = []
+    tiny.model.train()
+    result = evaluate(tiny.model, processor, rows, batch_size=3, on_progress=lambda done, total: seen.append((done, total)))
+    assert tiny.model.training
+    assert seen == [(3, 7), (6, 7), (7, 7)]
+    assert result.n == 7 and [r["index"] for r in result.records] == list(range(7))
+    for record, row in zip(result.records, rows):
+        assert record["answer"] == row["answer"] and record["category"] == row["category"]
+        assert record["correct"] == (record["extracted"] == row["answer"])
+    assert result.accuracy == sum(r["correct"] for r in result.records) / 7
+
+
+def test_evaluate_shapes_covers_every_category_and_batches_like_one_by_one(tiny):
+    processor = Processor(tiny.cfg, tiny.tokenizer)
+    batched = evaluate_shapes(tiny.model, processor, n=10, batch_size=10)
+    single = evaluate_shapes(tiny.model, processor, n=10, batch_size=1)
+    assert set(batched.by_category) == set(CATEGORIES)
+    assert [r["prediction"] for r in batched.records] == [r["prediction"] for r in single.records]
+    assert set(batched.to_dict()) >= {"benchmark", "n", "accuracy", "by_category"}
+
+
+def _write_jsonl_benchmark(directory, n=4):
+    rows = shapes_mmstar_rows(n, seed=3)
+    (directory / "images").mkdir(parents=True)
+    lines = []
+    for row in rows:
+        name = f"images/{row['index']}.png"
+        row["image"].save(directory / name)
+        lines.append(json.dumps({"index": 100 + row["index"], "question": row["question"], "image": name,
+                                 "answer": row["answer"], "category": row["category"]}))
+    (directory / "bench.jsonl").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+def test_local_benchmarks_load_from_jsonl_parquet_and_save_to_disk(tmp_path):
+    import datasets
+
+    rows = _write_jsonl_benchmark(tmp_path / "jsonl")
+    from_jsonl = load_benchmark(str(tmp_path / "jsonl"), limit=3)
+    assert len(from_jsonl.rows) == 3
+    assert from_jsonl.rows[1]["image"] == str(tmp_path / "jsonl" / "images" / "1.png")  # made absolute
+    table = datasets.Dataset.from_list([dict(r) for r in rows]).cast_column("image", datasets.Image())
+    table.to_parquet(str(tmp_path / "bench.parquet"))
+    table.save_to_disk(str(tmp_path / "disk"))
+    for source in (tmp_path / "bench.parquet", tmp_path / "disk"):
+        loaded = load_benchmark(str(source))
+        assert [r["question"] for r in loaded.rows] == [r["question"] for r in rows]
+        assert loaded.rows[0]["image"].size == rows[0]["image"].size
+
+
+def test_load_benchmark_names_missing_columns_and_unknown_names(tmp_path):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q?", "answer": "A"}) + "\n")
+    with pytest.raises(DataError, match="no column.*image"):
+        load_benchmark(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(DataError, match="unknown benchmark 'nope'"):
+        load_benchmark("nope")
+
+
+def test_mmstar_offline_fails_with_one_line(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="cannot load benchmark Lin-Chen/MMStar") as info:
+        load_benchmark("mmstar", limit=2)
+    assert "\n" not in str(info.value)
+
+
+def test_evaluate_checkpoint_writes_results_and_ledger_for_a_local_benchmark(checkpoint, tmp_path):
+    _write_jsonl_benchmark(tmp_path / "data")
+    result = evaluate_checkpoint(str(checkpoint), benchmark=str(tmp_path / "data" / "bench.jsonl"), batch_size=2,
+                                 output_dir=str(tmp_path / "out"), device="cpu")
+    results, ledger = read_results(tmp_path / "out" / "results.json")
+    assert results["n"] == result.n == 4 and results["accuracy"] == result.accuracy
+    assert [r["index"] for r in ledger] == [100, 101, 102, 103]
+    assert set(ledger[0]) == {"index", "question", "prediction", "extracted", "answer", "correct", "category"}
+
+
+def test_compare_results_reports_accuracy_change_and_flipped_indices(tmp_path):
+    def records(correct):
+        return [{"index": i, "correct": c, "category": "x", "extracted": "A"} for i, c in enumerate(correct)]
+
+    write_results(summarise("demo", records([True, False, False, True])), tmp_path / "before")
+    now = compare_results(summarise("demo", records([True, True, False, False])), tmp_path / "before" / "results.json")
+    assert now.comparison.fixed == [1] and now.comparison.broken == [3]
+    assert now.comparison.delta == 0.0 and now.comparison.n_common == 4
+    (tmp_path / "before" / "ledger.jsonl").unlink()
+    with pytest.raises(DataError, match="no per-sample ledger"):
+        compare_results(now, tmp_path / "before" / "results.json")
+
+
+def test_lmms_backend_without_lmms_eval_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lmms_eval", None)  # an import of it raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'nanovlm-cli\[lmms-eval\]'"):
+        evaluate_checkpoint("unused", backend="lmms-eval", tasks=["mmstar"])
+
+
+def test_eval_command_prints_json_and_compares_with_an_earlier_run(checkpoint, tmp_path, capsys):
+    args = ["eval", str(checkpoint), "--benchmark", "shapes", "--limit", "6", "--device", "cpu"]
+    assert run([*args, "--output", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert run([*args, "--json", "--compare", str(tmp_path / "a" / "results.json")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["benchmark"] == "shapes" and data["n"] == 6 and isinstance(data["accuracy"], float)
+    assert set(data["by_category"]) == set(CATEGORIES)
+    assert data["comparison"]["delta"] == 0.0 and data["comparison"]["fixed"] == []  # same model, same answers
+
+
+def test_eval_command_renders_a_table(checkpoint, capsys):
+    assert run(["eval", str(checkpoint), "--benchmark", "shapes", "--limit", "5", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "overall" in out and "colour" in out
