@@ -222,6 +222,7 @@ def push_checkpoint(
         with tempfile.TemporaryDirectory() as tmp:
             folder = prepare_upload_folder(checkpoint, Path(tmp) / "upload", repo_id=repo_id)
             files = _listing(folder)
+            log.info("uploading %d files (%.1f MB) to %s", len(files), sum(f.size for f in files) / 1e6, repo_id)
             info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,
                                      commit_message=commit_message or f"Upload nanovlm checkpoint {checkpoint.name}")
     except Exception as exc:  # network, auth, permission (huggingface_hub raises many types)

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from nanovlm_cli.cli.console import err, library_function, out, print_json
+from nanovlm_cli.cli.console import library_function, out, print_json
 from nanovlm_cli.cli.options import CheckpointArg, JsonOpt, as_str
 
 
@@ -49,8 +49,6 @@ def push(
 ) -> None:
     """Upload CHECKPOINT to the Hub as REPO_ID, with a model card."""
     push_checkpoint = library_function("nanovlm_cli.hub", "push_checkpoint", "push")
-    if dry_run is None:
-        err.print(f"uploading {checkpoint} to {repo_id} ...", markup=False)
     result = push_checkpoint(checkpoint, repo_id, private=private, revision=revision, commit_message=commit_message,
                              dry_run_dir=as_str(dry_run))
     if json_output:
