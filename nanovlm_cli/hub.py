@@ -51,8 +51,8 @@ def model_card(
         "\n".join(meta), "", f"# {name}", "",
         f"A vision-language model trained with [nanovlm](https://pypi.org/project/nanovlm-cli/) {__version__}.", "",
         "| part | value |", "| --- | --- |",
-        f"| vision encoder | {vision} ({cfg.vision.n_layers} layers, {cfg.vision.hidden_dim} wide, "
-        f"patch {cfg.vision.patch_size}) |",
+        (f"| vision encoder | {vision} ({cfg.vision.n_layers} layers, {cfg.vision.hidden_dim} wide, "
+         f"patch {cfg.vision.patch_size}) |"),
         f"| projector | pixel shuffle x{cfg.projector.pixel_shuffle_factor} + linear |",
         f"| language model | {language} ({cfg.language.n_layers} layers, {cfg.language.hidden_dim} wide) |",
         f"| parameters | {n_params:,} |",
@@ -155,7 +155,7 @@ def prepare_upload_folder(checkpoint: Path, target: Path, *, repo_id: str) -> Pa
     n_params = 0
     for file in weights:
         with safe_open(str(file), framework="pt") as f:
-            n_params += sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+            n_params += sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (a safe_open handle, not a dict)
     (target / "README.md").write_text(model_card(cfg, n_params=n_params, summary=summary, eval_results=results,
                                                  repo_id=repo_id))
     return target

@@ -84,7 +84,7 @@ def _read_headers(directory: Path) -> _Header:
     for file in weight_files(directory):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                     piece = f.get_slice(key)
                     header.tensors[key] = (tuple(piece.get_shape()), _DTYPES.get(piece.get_dtype(), torch.float32))
                     header.files[key] = file

@@ -14,8 +14,15 @@ from nanovlm_cli.data.processor import Processor
 from nanovlm_cli.data.shapes import CATEGORIES, shapes_mmstar_rows
 from nanovlm_cli.errors import ConfigError, DataError
 from nanovlm_cli.evaluation import (
-    compare_results, evaluate, evaluate_checkpoint, evaluate_shapes, extract_choice, parse_options, read_results,
-    summarise, write_results,
+    compare_results,
+    evaluate,
+    evaluate_checkpoint,
+    evaluate_shapes,
+    extract_choice,
+    parse_options,
+    read_results,
+    summarise,
+    write_results,
 )
 from nanovlm_cli.presets import get_preset
 

@@ -41,8 +41,8 @@ def _comparison_lines(result: Any) -> list[str]:
         return shown + (f" (+{len(values) - SHOWN_FLIPS} more)" if len(values) > SHOWN_FLIPS else "")
 
     return [
-        f"vs {c.other}: {c.other_accuracy:.4f} -> {result.accuracy:.4f} "
-        f"([{sign}]{c.delta:+.4f}[/]) on {c.n_common} common samples",
+        (f"vs {c.other}: {c.other_accuracy:.4f} -> {result.accuracy:.4f} "
+         f"([{sign}]{c.delta:+.4f}[/]) on {c.n_common} common samples"),
         f"fixed ({len(c.fixed)}): {indices(c.fixed) or '-'}",
         f"broken ({len(c.broken)}): {indices(c.broken) or '-'}",
     ]
