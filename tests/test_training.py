@@ -1,0 +1,153 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanovlm_cli.errors import TrainingError
+from nanovlm_cli.models.vlm import LossOutput, VisionLanguageModel
+from nanovlm_cli.presets import get_preset
+from nanovlm_cli.training import train
+from nanovlm_cli.training.state import STATE_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _train_cfg(tmp_path: Path, name: str, **changes):
+    base = get_preset("tiny").train.replace(
+        dataset_size=400, max_steps=6, batch_size=4, max_seq_len=256, save_checkpoint_steps=2, validation_steps=3,
+        validation_batches=1, eval_size=0, console_log_interval=1, output_dir=str(tmp_path), run_name=name,
+        warmup_ratio=0.2, pack_buffer=2, max_threads=1,
+    )
+    return base.replace(**changes)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {json.loads(line)["step"]: json.loads(line)["loss"] for line in lines}
+
+
+class _CrashAt:
+    """A callback that crashes the run after `step` (like a power cut between two checkpoints)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_start(self, info): pass
+    def on_validation(self, step, val_loss): pass
+    def on_checkpoint(self, step, path): pass
+    def on_end(self, summary): pass
+
+    def on_step(self, metrics):
+        if metrics.step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(tmp_path):
+    model_cfg = get_preset("tiny").model
+    full = train(model_cfg, _train_cfg(tmp_path, "full"))
+    expected = _losses(Path(full.run_dir))
+    assert sorted(expected) == list(range(1, 7))
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(model_cfg, _train_cfg(tmp_path, "cut"), callback=_CrashAt(3))
+    cut_dir = tmp_path / "cut"
+    assert _losses(cut_dir)[3] == expected[3]  # step 3 ran but was never checkpointed
+    resumed = train(model_cfg, _train_cfg(tmp_path, "cut", resume=str(cut_dir)))
+    got = _losses(cut_dir)
+    assert sorted(got) == list(range(1, 7))  # the stale step-3 line was replaced, not duplicated
+    for step in range(1, 7):
+        assert got[step] == expected[step], (step, got[step], expected[step])
+    assert resumed.steps == 6 and resumed.samples_seen == full.samples_seen
+    final_a = VisionLanguageModel.from_pretrained(Path(full.run_dir) / "final").state_dict()
+    final_b = VisionLanguageModel.from_pretrained(cut_dir / "final").state_dict()
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_run_directory_has_metrics_summary_and_pruned_checkpoints(tmp_path):
+    summary = train(get_preset("tiny").model, _train_cfg(tmp_path, "files", keep_last_checkpoints=1))
+    run_dir = Path(summary.run_dir)
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 7))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "data_wait_fraction", "memory"} <= set(lines[0])
+    assert set(lines[0]["lr"]) == {"projector", "vision", "language"}
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["steps"] == 6 and saved["samples_seen"] > 0 and isinstance(saved["skipped"], dict)
+    assert saved["best_val_loss"] is not None and saved["final_loss"] is not None
+    assert (run_dir / "final" / STATE_FILE).is_file() and (run_dir / "final" / "model.safetensors").is_file()
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert "step-000006" in kept and "step-000002" not in kept  # keep_last=1, plus the best one by validation
+
+
+def test_frozen_parts_get_no_optimizer_state_and_do_not_change(tmp_path):
+    summary = train(get_preset("tiny").model, _train_cfg(tmp_path, "frozen", freeze_vision_encoder=True, max_steps=2,
+                                                         save_checkpoint_steps=2))
+    state = torch.load(Path(summary.run_dir) / "final" / STATE_FILE, weights_only=True)
+    names = [g["name"] for g in state["optimizer"]["param_groups"]]
+    assert names == ["projector", "language"]
+
+
+def test_repeated_non_finite_losses_stop_with_a_clear_error(tmp_path, monkeypatch):
+    def broken_loss(self, batch):
+        hidden = self.language.embed(batch.input_ids).sum()
+        return LossOutput(hidden * float("nan"), 10)
+
+    monkeypatch.setattr(VisionLanguageModel, "loss", broken_loss)
+    with pytest.raises(TrainingError, match="non-finite steps in a row"):
+        train(get_preset("tiny").model, _train_cfg(tmp_path, "nan", max_nonfinite_steps=3, max_steps=10,
+                                                   save_checkpoint_steps=100, validation_steps=100))
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"run did not reach step {step}")
+
+
+def _cli(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "nanovlm_cli", "train", "--preset", "tiny", "--dataset-size", "400",
+            "--batch-size", "4", "--max-seq-len", "256", "--output-dir", str(tmp_path), "--run-name", name,
+            "--validation-steps", "100", "--max-threads", "1", "--pack-buffer", "2", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_between_saves_then_resume_matches_uninterrupted(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    common = ("--max-steps", "8", "--save-checkpoint-steps", "3", "--eval-size", "0")
+    subprocess.run(_cli(tmp_path, "ref", *common), check=True, env=env, capture_output=True, cwd=REPO)
+    expected = _losses(tmp_path / "ref")
+    proc = subprocess.Popen(_cli(tmp_path, "killed", *common), env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(tmp_path / "killed", 5, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "killed" / "checkpoints" / "step-000003" / STATE_FILE).is_file()
+    subprocess.run(_cli(tmp_path, "killed", *common, "--resume", str(tmp_path / "killed")), check=True, env=env,
+                   capture_output=True, cwd=REPO)
+    got = _losses(tmp_path / "killed")
+    assert got == expected
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(_cli(tmp_path, "term", "--max-steps", "500", "--save-checkpoint-steps", "1000",
+                                 "--eval-size", "0"),
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(tmp_path / "term", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    saved = list((tmp_path / "term" / "checkpoints").iterdir())
+    assert len(saved) == 1 and (saved[0] / STATE_FILE).is_file()
+    assert str(saved[0]) in out + err
