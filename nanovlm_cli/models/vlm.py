@@ -173,6 +173,10 @@ class VisionLanguageModel(nn.Module):
         """Write a self-contained checkpoint (config.json, model.safetensors, tokenizer, README.md) atomically."""
         from nanovlm_cli.checkpoint.io import save_model
 
+        if tokenizer is None:  # keep the checkpoint self-contained: save the tokenizer the config names
+            from nanovlm_cli.data.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(self.cfg)
         return save_model(self, directory, tokenizer=tokenizer)
 
     def generate(self, image_or_images, prompt: str, *, tokenizer=None, **sampling) -> str:
@@ -199,4 +203,4 @@ class VisionLanguageModel(nn.Module):
 
         with tempfile.TemporaryDirectory() as tmp:
             directory = self.save_pretrained(Path(tmp) / "checkpoint", tokenizer=tokenizer)
-            return push_checkpoint(directory, repo_id, private=private)
+            return push_checkpoint(directory, repo_id, private=private).url or ""
