@@ -58,6 +58,8 @@ complete -c nanovlm -n '__fish_seen_subcommand_from train' -l validation-batches
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l eval-interval -r -d 'Run the benchmark every N steps (0: at the end only)'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l eval-size -r -d 'Samples per benchmark run'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l console-log-interval -r -d 'Log to the console every N steps'
+complete -c nanovlm -n '__fish_seen_subcommand_from train' -l dashboard -d 'Live dashboard on a terminal (else plain log lines every --console-log-interval steps)'
+complete -c nanovlm -n '__fish_seen_subcommand_from train' -l no-dashboard -d 'not: Live dashboard on a terminal (else plain log lines every --console-log-interval steps)'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l report-to -x -a 'none wandb tensorboard' -d 'Experiment tracker: none, wandb or tensorboard'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l wandb-project -r -d 'wandb project'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l wandb-entity -r -d 'wandb entity (default: your own)'

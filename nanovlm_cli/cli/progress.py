@@ -1,50 +1,275 @@
-"""Training progress on stderr: the callback `nanovlm train` hands to the library's training loop.
+"""Training progress on stderr: the callbacks `nanovlm train` hands to the library's training loop.
 
 The loop never prints; it calls `on_start/on_step/on_validation/on_checkpoint/on_end` (the `TrainCallback`
-protocol of `nanovlm_cli.training.metrics`). This one writes a compact line every `interval` steps, which reads
-well both on a terminal and in a log file; a richer live dashboard can replace it without touching the loop.
+protocol of `nanovlm_cli.training.metrics`) on every rank. `progress_callback` picks what this process shows:
+nothing on ranks other than 0, the live Rich dashboard (`cli/dashboard.py`) on a terminal, and plain log lines
+otherwise (CI, a log file, `--no-dashboard`).
+
+Design choice: both views read the same `RunState` (last metrics, loss history, ETA, last validation and
+checkpoint) and the same formatters, so a log file and the dashboard state the same facts in the same units.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Self
+
+from rich.console import Console
 
 from nanovlm_cli.cli.console import err
 
+SPARK_CHARS = "▁▂▃▄▅▆▇█"
+LOSS_HISTORY = 40
 
-def _gib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:.2f} GiB"
+
+# ----------------------------------------------------------------------------------------------- formatting
 
 
-class LogProgress:
-    """Prints run start, every `interval`-th step, validations, checkpoints and the summary to stderr."""
+def format_bytes(n_bytes: float) -> str:
+    """812 MiB below one GiB, 1.23 GiB above."""
+    if n_bytes < 2**30:
+        return f"{n_bytes / 2**20:,.0f} MiB"
+    return f"{n_bytes / 2**30:,.2f} GiB"
 
-    def __init__(self, interval: int) -> None:
+
+def format_duration(seconds: float) -> str:
+    """45s, 2m31s, 1h02m, 2d03h."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def format_lr(lr: Mapping[str, float]) -> str:
+    """{"projector": 2e-3, "vision": 1e-3} -> "projector 2.0e-03 vision 1.0e-03" (one entry per param group)."""
+    return " ".join(f"{name} {value:.1e}" for name, value in lr.items())
+
+
+def format_loss(loss: float) -> str:
+    return f"{loss:.4f}" if math.isfinite(loss) else str(loss)
+
+
+def memory_items(memory: Mapping[str, float]) -> list[tuple[str, str]]:
+    """(label, value) pairs of a `StepMetrics.memory` dict: CUDA allocated / reserved / peak / total, else RSS."""
+    labels = (("cuda_allocated", "allocated"), ("cuda_reserved", "reserved"), ("cuda_peak", "peak"),
+              ("cuda_total", "total"), ("rss", "rss"))
+    return [(label, format_bytes(memory[key])) for key, label in labels if key in memory]
+
+
+def format_memory(memory: Mapping[str, float]) -> str:
+    """"rss 812 MiB" on CPU; "cuda 1.20 GiB alloc / 2.00 GiB reserved / 3.10 GiB peak of 79.10 GiB" on GPU."""
+    items = dict(memory_items(memory))
+    if "allocated" in items:
+        text = f"cuda {items['allocated']} alloc"
+        if "reserved" in items:
+            text += f" / {items['reserved']} reserved"
+        if "peak" in items:
+            text += f" / {items['peak']} peak"
+        if "total" in items:
+            text += f" of {items['total']}"
+        return text
+    return f"rss {items['rss']}" if "rss" in items else ""
+
+
+def sparkline(values: Iterable[float]) -> str:
+    """One block character per value, scaled between the window's min and max; non-finite values are "!".
+
+    [3.0, 2.0, 1.0, 1.0] -> "█▄▁▁"; a flat series is drawn at mid height.
+    """
+    values = list(values)
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "!" * len(values)
+    lo, hi = min(finite), max(finite)
+    top = len(SPARK_CHARS) - 1
+    chars = []
+    for v in values:
+        if not math.isfinite(v):
+            chars.append("!")
+        elif hi == lo:
+            chars.append(SPARK_CHARS[top // 2])
+        else:
+            chars.append(SPARK_CHARS[round((v - lo) / (hi - lo) * top)])
+    return "".join(chars)
+
+
+# ----------------------------------------------------------------------------------------------- shared state
+
+
+class RunState:
+    """What both views know about the run: its info, the last step, the loss history, validation and checkpoint.
+
+    The ETA is measured on the wall clock from the first step this process saw (so model building and the first
+    step's warm-up do not count, but validations and checkpoint saves do), falling back to the last step time.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.info: Any = None
+        self.last: Any = None
+        self.losses: deque[float] = deque(maxlen=LOSS_HISTORY)
+        self.val_loss: float | None = None
+        self.val_step: int | None = None
+        self.checkpoint: str | None = None
+        self.checkpoint_step: int | None = None
+        self.t_start = clock()
+        self._first: tuple[int, float] | None = None  # (step, time) of the first step seen
+        self._t_last = self.t_start  # time of the last step seen
+
+    def start(self, info: Any) -> None:
+        self.info = info
+        self.t_start = self.clock()
+
+    def step(self, metrics: Any) -> None:
+        self._t_last = self.clock()
+        if self._first is None:
+            self._first = (metrics.step, self._t_last)
+        self.last = metrics
+        self.losses.append(metrics.loss)
+
+    @property
+    def max_steps(self) -> int:
+        return self.info.max_steps if self.info is not None else 0
+
+    @property
+    def done(self) -> int:
+        return self.last.step if self.last is not None else (self.info.start_step if self.info is not None else 0)
+
+    def elapsed_s(self) -> float:
+        return self.clock() - self.t_start
+
+    def eta_s(self) -> float | None:
+        """Seconds left, or None before the first step; counts down between steps (e.g. during a validation)."""
+        if self.last is None or self._first is None:
+            return None
+        remaining = max(0, self.max_steps - self.last.step)
+        first_step, t_first = self._first
+        if self.last.step > first_step:
+            per_step = (self._t_last - t_first) / (self.last.step - first_step)
+        else:
+            per_step = self.last.step_time_s
+        return max(0.0, remaining * per_step - (self.clock() - self._t_last))
+
+    def step_label(self, step: int | None = None) -> str:
+        return f"step {self.done if step is None else step}/{self.max_steps}"
+
+
+def run_header(info: Any) -> str:
+    """One line naming the run: name, directory, device, world size, parameter counts, resume point."""
+    resumed = f", resumed from {info.resumed_from} at step {info.start_step}" if info.resumed_from else ""
+    return (f"run {info.run_name} -> {info.run_dir} on {info.device} (world size {info.world_size}); "
+            f"{info.n_params_trainable:,} trainable / {info.n_params_frozen:,} frozen parameters{resumed}")
+
+
+def end_line(summary: Any) -> str:
+    """The last line of a run: where the checkpoint is when interrupted, else steps and time."""
+    if getattr(summary, "interrupted", False):
+        where = summary.final_checkpoint
+        resume = f"; resume with: nanovlm train --resume {where}" if where else ""
+        return f"interrupted at step {summary.steps}: checkpoint saved to {where}{resume}"
+    return f"done: {summary.steps} steps in {format_duration(summary.wall_time_s)}"
+
+
+# ----------------------------------------------------------------------------------------------- callbacks
+
+
+class SilentProgress:
+    """Shows nothing: what ranks other than 0 get, so a torchrun job prints one dashboard, not N."""
+
+    def on_start(self, info: Any) -> None: pass
+    def on_step(self, metrics: Any) -> None: pass
+    def on_validation(self, step: int, val_loss: float) -> None: pass
+    def on_checkpoint(self, step: int, path: str) -> None: pass
+    def on_end(self, summary: Any) -> None: pass
+    def close(self) -> None: pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LogProgress(SilentProgress):
+    """Plain lines on stderr: the run header, every `interval`-th (and the last) step, validations, checkpoints.
+
+    `step 40/600 | loss 1.2340 | lr projector 2.0e-03 vision 1.0e-03 | grad 0.81 | 3,100 tok/s 64.0 samples/s |
+    data 3% | rss 812 MiB | eta 2m31s`
+    """
+
+    def __init__(self, interval: int, console: Console | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = max(1, interval)
-        self.max_steps = 0
+        self.console = console or err
+        self.state = RunState(clock)
+
+    def _print(self, text: str) -> None:
+        self.console.print(text, soft_wrap=True, markup=False, highlight=False)
 
     def on_start(self, info: Any) -> None:
-        self.max_steps = info.max_steps
-        resumed = f", resumed from {info.resumed_from} at step {info.start_step}" if info.resumed_from else ""
-        err.print(f"[bold]run[/] {info.run_name} -> {info.run_dir} on {info.device} (world size {info.world_size}); "
-                  f"{info.n_params_trainable:,} trainable / {info.n_params_frozen:,} frozen parameters{resumed}",
-                  soft_wrap=True)
+        self.state.start(info)
+        self._print(run_header(info))
 
     def on_step(self, m: Any) -> None:
-        if m.step % self.interval and m.step != self.max_steps:
+        self.state.step(m)
+        if m.step % self.interval and m.step != self.state.max_steps:
             return
-        memory = m.memory.get("cuda_peak", m.memory.get("rss"))
-        mem = f"  mem {_gib(memory)}" if memory is not None else ""
-        lr = max(m.lr.values()) if m.lr else 0.0
-        err.print(f"step {m.step:>6}/{self.max_steps}  loss {m.loss:.4f}  lr {lr:.2e}  grad {m.grad_norm:.2f}  "
-                  f"{m.tokens_per_s:,.0f} tok/s{mem}", soft_wrap=True, highlight=False)
+        self._print(self.step_line(m))
+
+    def step_line(self, m: Any) -> str:
+        parts = [self.state.step_label(m.step), f"loss {format_loss(m.loss)}"]
+        if m.lr:
+            parts.append(f"lr {format_lr(m.lr)}")
+        parts += [f"grad {m.grad_norm:.2f}", f"{m.tokens_per_s:,.0f} tok/s {m.samples_per_s:,.1f} samples/s",
+                  f"data {m.data_wait_fraction:.0%}"]
+        memory = format_memory(m.memory)
+        if memory:
+            parts.append(memory)
+        if m.skipped_nonfinite:
+            parts.append(f"skipped {m.skipped_nonfinite} non-finite")
+        eta = self.state.eta_s()
+        if eta is not None:
+            parts.append(f"eta {format_duration(eta)}")
+        return " | ".join(parts)
 
     def on_validation(self, step: int, val_loss: float) -> None:
-        err.print(f"step {step:>6}  [cyan]validation loss {val_loss:.4f}[/]", soft_wrap=True)
+        self.state.val_loss, self.state.val_step = val_loss, step
+        self._print(f"{self.state.step_label(step)} | validation loss {format_loss(val_loss)}")
 
     def on_checkpoint(self, step: int, path: str) -> None:
-        err.print(f"step {step:>6}  checkpoint {path}", soft_wrap=True, markup=False)
+        self.state.checkpoint, self.state.checkpoint_step = path, step
+        self._print(f"{self.state.step_label(step)} | checkpoint {path}")
 
     def on_end(self, summary: Any) -> None:
-        state = "interrupted" if getattr(summary, "interrupted", False) else "done"
-        err.print(f"[bold]{state}[/] after {summary.steps} steps in {summary.wall_time_s:.0f}s", soft_wrap=True)
+        self._print(end_line(summary))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain single process (RANK unset)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def progress_callback(interval: int, *, dashboard: bool = True, console: Console | None = None) -> SilentProgress:
+    """The callback for this process: silent off rank 0, a live dashboard on a terminal, plain lines otherwise.
+
+    Use it as a context manager so a live display is stopped even when training raises.
+    """
+    console = console or err
+    if not is_main_process():
+        return SilentProgress()
+    if dashboard and console.is_terminal and not console.is_dumb_terminal:
+        from nanovlm_cli.cli.dashboard import Dashboard
+
+        return Dashboard(console)
+    return LogProgress(interval, console)
+

@@ -26,7 +26,7 @@ from nanovlm_cli.cli.options import (
     VisionEncoderName,
     as_str,
 )
-from nanovlm_cli.cli.progress import LogProgress
+from nanovlm_cli.cli.progress import is_main_process, progress_callback
 from nanovlm_cli.errors import ConfigError
 from nanovlm_cli.run_config import TRAIN_FIELDS, resolve_run_config
 
@@ -121,6 +121,10 @@ def train(
     eval_size: Annotated[int | None, _opt("--eval-size", panel=L, help="Samples per benchmark run.")] = None,
     console_log_interval: Annotated[int | None, _opt("--console-log-interval", panel=L,
                                                      help="Log to the console every N steps.")] = None,
+    dashboard: Annotated[bool, _opt("--dashboard/--no-dashboard", panel=L,
+                                    help="Live dashboard on a terminal (else plain log lines every "
+                                         "--console-log-interval steps).")
+                         ] = True,
     report_to: Annotated[ReportTo | None, _opt("--report-to", panel=L,
                                                help="Experiment tracker: none, wandb or tensorboard.")] = None,
     wandb_project: Annotated[str | None, _opt("--wandb-project", panel=L, help="wandb project.")] = None,
@@ -181,5 +185,10 @@ def train(
 
     # TODO(training): export train from nanovlm_cli/training/__init__.py (loop.train(model_cfg, cfg, callback=)).
     run_training = library_function("nanovlm_cli.training", "train", "train")
-    result = run_training(model_cfg, train_cfg, callback=LogProgress(train_cfg.console_log_interval))
+    with progress_callback(train_cfg.console_log_interval, dashboard=dashboard) as callback:
+        result = run_training(model_cfg, train_cfg, callback=callback)
+    if not is_main_process():  # under torchrun only rank 0 reports
+        return
+    if result.interrupted and not json_output:  # the callback said where the checkpoint is; exit 0
+        return
     print_result(result, as_json=json_output, title="training")
