@@ -7,11 +7,13 @@ after the first arrive as extra arguments and are collected here; `--batch-sizes
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.table import Table
+from rich.text import Text
 
-from nanovlm_cli.cli.console import library_function, print_result
+from nanovlm_cli.cli.console import err, library_function, out, print_result
 from nanovlm_cli.cli.options import (
     CompileOpt,
     DeviceOpt,
@@ -25,6 +27,7 @@ from nanovlm_cli.errors import ConfigError
 from nanovlm_cli.run_config import resolve_run_config
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8)
+GIB = 1024**3
 
 
 def parse_batch_sizes(first: str | None, extra: list[str]) -> list[int]:
@@ -75,7 +78,6 @@ def vram(
                  "freeze_vision_encoder": freeze_vision_encoder, "max_seq_len": seq_len}
     model_cfg, train_cfg = resolve_run_config(preset or "default", overrides=overrides)
 
-    # TODO(memory): provide nanovlm_cli.memory.measure_vram(...) -> a report with to_dict().
     measure_vram = library_function("nanovlm_cli.memory", "measure_vram", "vram")
     report = measure_vram(
         None if checkpoint else model_cfg, train_cfg, checkpoint=checkpoint, batch_sizes=sizes,
@@ -83,6 +85,67 @@ def vram(
         device=device,
     )
     if plot is not None:
-        # TODO(memory): provide nanovlm_cli.memory.plot_vram(report, path).
         library_function("nanovlm_cli.memory", "plot_vram", "vram --plot")(report, as_str(plot))
-    print_result(report, as_json=json_output, title="peak memory per batch size")
+    if json_output:
+        print_result(report, as_json=True)
+        return
+    render_report(report)
+    if plot is not None:
+        err.print(f"plot written to {plot}", markup=False)
+
+
+def _unit(report: Any) -> tuple[str, int]:
+    values = [v or 0 for r in report.rows for v in (r.measured_peak_bytes, r.estimated_peak_bytes)]
+    return ("GiB", GIB) if max(values, default=0) >= GIB else ("MiB", 1024**2)
+
+
+def _size(value: int | None, scale: int) -> str:
+    return "-" if value is None else f"{value / scale:.2f}"
+
+
+def render_report(report: Any) -> None:
+    """The sweep as a Rich table, then one bar per batch size (measured vs estimated), on stdout."""
+    cpu = report.device == "cpu"
+    shape = report.shape
+    unit, scale = _unit(report)
+    title = (f"peak training memory ({unit}) on {report.device}: {report.seq_len} tokens/row, {shape.n_views} "
+             f"view(s) of {shape.view_height}x{shape.view_width} px ({shape.image_tokens} image tokens)")
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for name in ["batch", "measured", *(["est. CPU"] if cpu else []), "est. CUDA", "model", "optim.", "step s"]:
+        table.add_column(name, justify="right")
+    table.add_column("status")
+    for row in report.rows:
+        status = "[red]OOM[/]" if row.oom else ("[yellow]failed[/]" if row.error else "[green]ok[/]")
+        cells = [str(row.batch_size), _size(row.measured_peak_bytes, scale)]
+        if cpu:
+            cells.append(_size(row.estimated_device_peak_bytes, scale))
+        cells += [_size(row.estimated_peak_bytes, scale), _size(row.model_bytes, scale),
+                  _size(row.optimizer_state_bytes, scale),
+                  "-" if row.step_time_s is None else f"{row.step_time_s:.2f}", status]
+        table.add_row(*cells)
+    out.print(table)
+    notes = f"measured: {report.measured}. est. CUDA: the memory model's estimate (bf16 autocast)"
+    if cpu:
+        notes += "; est. CPU: its estimate for this CPU measurement"
+    out.print(notes + ".", style="dim")
+    _bars(report, unit, scale)
+    if report.max_memory_gib is not None:
+        out.print(f"largest batch size that fits {report.max_memory_gib:g} GiB (estimated, CUDA bf16): "
+                  f"[bold]{report.max_batch_size}[/]")
+
+
+def _bars(report: Any, unit: str, scale: int, width: int = 40) -> None:
+    values = [v for r in report.rows for v in (r.measured_peak_bytes, r.estimated_peak_bytes) if v]
+    top = max(values, default=0)
+    if not top:
+        return
+    grid = Table.grid(padding=(0, 1))
+    for _ in range(3):
+        grid.add_column()
+    label = "measured (CPU)" if report.device == "cpu" else "measured"
+    for row in report.rows:
+        for name, value, colour in ((label, row.measured_peak_bytes, "cyan"),
+                                    ("estimate (CUDA)", row.estimated_peak_bytes, "magenta")):
+            bar = "" if not value else "\u2588" * max(1, round(width * value / top))
+            grid.add_row(f"bs {row.batch_size:>4} {name:<15}", Text(bar, style=colour), f"{_size(value, scale)} {unit}")
+    out.print(grid)
