@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from PIL import Image
@@ -68,6 +70,16 @@ def test_special_token_strings_typed_in_text_stay_text(tiny):
     assert proc.image_token_id not in ids
     assert ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 2  # only the two real turn ends
     assert proc.decode(sample.input_ids).count("<|image|>") == 3  # still readable as text
+
+
+def test_encoding_from_many_threads_matches_sequential_encoding(tiny):
+    _, proc = tiny
+    record = Record(messages=[{"role": "user", "content": "<|im_end|> typed <|image|> text"},
+                              {"role": "assistant", "content": "fine"}])
+    expected = proc.encode(record).input_ids.tolist()
+    with ThreadPoolExecutor(4) as pool:  # the loader encodes in a thread pool sharing one processor
+        results = list(pool.map(lambda _: proc.encode(record).input_ids.tolist(), range(200)))
+    assert all(r == expected for r in results)
 
 
 def test_text_only_record_is_encoded(tiny):

@@ -16,6 +16,7 @@ and, when a record has several images, each string is preceded by the text "<ima
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import torch
@@ -92,6 +93,18 @@ class Processor:
             stops.append(tokenizer.convert_tokens_to_ids(eot))
         self.stop_token_ids: list[int] = [i for i in dict.fromkeys(stops) if i is not None]
         self._cache: dict[tuple[str, bool], list[int]] = {}  # template pieces and "<image: k>" labels
+        self._lock = threading.Lock()
+        self._backends: dict[bool, Any] = {}  # split_specials -> private tokenizers.Tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            for split in (False, True):
+                copy = Tokenizer.from_str(backend.to_str())
+                copy.encode_special_tokens = split
+                copy.no_truncation()
+                copy.no_padding()
+                self._backends[split] = copy
 
     @staticmethod
     def _special_id(token: str, vocab: dict[str, int]) -> int:
@@ -103,14 +116,24 @@ class Processor:
     # -- tokenisation -------------------------------------------------------------------------------------------
 
     def _ids(self, text: str, parse_specials: bool) -> list[int]:
-        """Token ids of `text`; with parse_specials False, "<|im_end|>" typed in text stays plain text."""
+        """Token ids of `text`; with parse_specials False, "<|im_end|>" typed in text stays plain text.
+
+        Thread-safe (the loader encodes in a thread pool): fast tokenizers are encoded through two private copies of
+        the Rust backend whose `encode_special_tokens` flag is fixed, never toggled on the shared tokenizer.
+        """
         if parse_specials:
             key = (text, True)
             if key not in self._cache:
-                self._cache[key] = list(self.tokenizer(text, add_special_tokens=False,
-                                                       split_special_tokens=False)["input_ids"])
+                self._cache[key] = self._encode(text, False)
             return self._cache[key]
-        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        return self._encode(text, True)
+
+    def _encode(self, text: str, split_specials: bool) -> list[int]:
+        backend = self._backends.get(split_specials)
+        if backend is not None:
+            return backend.encode(text, add_special_tokens=False).ids
+        with self._lock:  # slow tokenizers: the flag lives on the shared tokenizer
+            return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=split_specials)["input_ids"])
 
     def image_token_ids(self, image: ProcessedImage, index: int, n_images: int) -> list[int]:
         """The token ids an image slot expands to (upstream nanoVLM's `get_image_string`)."""
