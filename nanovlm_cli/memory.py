@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import resource
 import subprocess
@@ -126,7 +127,8 @@ class MemoryEstimate:
     `total` is not the plain sum: backward frees each block's activations as it creates that block's gradients,
     so the full set of gradients and the full set of activations are never alive together. The peak is the larger
     of "activations + loss" (start of backward; the loss part includes the output weight's gradient, the first one
-    made) and "all gradients" (end of backward, optimizer step), on top of weights and optimizer state.
+    made) and "all gradients" (end of backward, optimizer step), on top of weights and optimizer state. With
+    gradient checkpointing, the recomputed block comes after the loss's backward, so it counts instead of it.
     """
 
     weights: int  # parameters and buffers (fp32 master weights)
@@ -136,6 +138,7 @@ class MemoryEstimate:
     decoder_activations: int  # saved by the decoder (attention masks included)
     loss: int  # the chunked loss path: gathered hidden states + one chunk of logits and their gradients
     autocast_cache: int = 0  # bf16 copies of trainable weights that CUDA autocast keeps for the step
+    recompute: int = 0  # gradient checkpointing: one block's activations, alive again while it is recomputed
 
     @property
     def activations(self) -> int:
@@ -143,7 +146,8 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.weights + self.optimizer + self.autocast_cache + max(self.activations + self.loss, self.grads)
+        during_backward = self.activations + max(self.loss, self.recompute)
+        return self.weights + self.optimizer + self.autocast_cache + max(during_backward, self.grads)
 
     def to_dict(self) -> dict[str, int]:
         return {**asdict(self), "activations": self.activations, "total": self.total}
@@ -197,19 +201,41 @@ MLP_PLAIN_PER_TOKEN = 2
 LOSS_LOGIT_COPIES = 3
 
 
-def _decoder_block_bytes_per_token(cfg: VLMConfig, b: _Bytes, mask_columns: int) -> float:
+def _attention_calls(seq_len: int) -> tuple[float, int]:
+    """(keys per query, queries per SDPA call) of the masked attention of a causal one-sample row.
+
+    Long masked rows run attention per chunk of `ATTENTION_CHUNK` queries over the keys the mask lets them reach
+    (`models/language.py`): chunk j of n = T / c sees (j + 1) c keys, (T + c) / 2 per query on average.
+    Shorter rows (or a decoder without chunking) make one call over all T keys.
+    """
+    from nanovlm_cli.models import language
+
+    chunk = getattr(language, "ATTENTION_CHUNK", None)
+    if chunk is None or seq_len < 2 * chunk:
+        return float(seq_len), seq_len
+    n = math.ceil(seq_len / chunk)
+    return chunk * n * (n + 1) / 2 / seq_len, chunk
+
+
+def _decoder_block_bytes_per_token(cfg: VLMConfig, b: _Bytes, seq_len: int, device_type: str) -> float:
     """Bytes one decoder block saves for backward per token (constants above)."""
     lang = cfg.language
     d, i = lang.hidden_dim, lang.intermediate_dim
     q, kv = lang.n_heads * lang.head_dim, lang.n_kv_heads * lang.head_dim
-    gqa_copy = lang.n_heads != lang.n_kv_heads and mask_columns > 0
+    keys, queries_per_call = _attention_calls(seq_len)
+    # Masked GQA: the CPU kernel reads grouped keys directly; on CUDA keys and values are repeated to all query
+    # heads for every call: a call of c queries over k keys saves 2 * Q * k values, 2 * Q * keys / c per token.
+    if lang.n_heads != lang.n_kv_heads and device_type == "cuda":
+        kv_saved = 2 * q * keys / queries_per_call
+    else:
+        kv_saved = 2 * kv
     residual = DECODER_RESIDUAL_PER_TOKEN * d * b.res + DECODER_LINEAR_INPUTS_PER_TOKEN * d * b.act
-    attention = (DECODER_ATTENTION_Q_PER_TOKEN * q + (2 * q if gqa_copy else 2 * kv)) * b.act + 4 * lang.n_heads
+    attention = (DECODER_ATTENTION_Q_PER_TOKEN * q + kv_saved) * b.act + 4 * lang.n_heads
     if lang.qk_norm:  # q/k norm inputs (cast to fp32) and normed values
         attention += 2 * (q + kv) * b.res
     post = 4 * d * b.res if lang.post_norms else 0  # two more norms, input and normed value each
     mlp = MLP_GATED_PER_TOKEN * i * b.act
-    return residual + attention + post + mlp + mask_columns * b.act
+    return residual + attention + post + mlp + keys * b.act  # + the additive mask SDPA makes and saves
 
 
 def _vision_block_bytes_per_token(cfg: VLMConfig, b: _Bytes) -> float:
@@ -252,12 +278,12 @@ def estimate_memory(
     # Decoder: each row is one full packed sample, so the boolean (T, T) mask is built once per forward.
     lang, t = cfg.language, shape.seq_len
     tokens = batch_size * t
-    block = _decoder_block_bytes_per_token(cfg, b, mask_columns=t) * tokens
+    block = _decoder_block_bytes_per_token(cfg, b, t, device_type) * tokens
     if attention == "math":  # scores and probabilities per head
         block += 2 * lang.n_heads * t * tokens * b.act
     masks = tokens * t * (2 if any(lang.is_sliding(i) for i in range(lang.n_layers)) else 1)  # bool
     edges = tokens * (2 * lang.hidden_dim * b.res + lang.head_dim * b.act)  # final norm; RoPE cos/sin
-    layers = lang.n_layers * tokens * lang.hidden_dim * b.res + block if checkpointing else lang.n_layers * block
+    layers = lang.n_layers * tokens * lang.hidden_dim * b.res if checkpointing else lang.n_layers * block
     decoder = layers + masks + edges
 
     # Vision: the batch's views, each (prefix + grid) tokens; the projector keeps its pixel-shuffled input.
@@ -273,7 +299,7 @@ def estimate_memory(
     if frozen["vision"]:  # nothing upstream of the projector needs a gradient: no vision activations are kept
         vision = pixels + projector
     else:
-        layers = v.n_layers * v_tokens * v.hidden_dim * b.res + v_block if checkpointing else v.n_layers * v_block
+        layers = v.n_layers * v_tokens * v.hidden_dim * b.res if checkpointing else v.n_layers * v_block
         vision = layers + pixels + projector + v_tokens * v.hidden_dim * b.res  # + final LayerNorm input
     if shape.n_views == 0:
         vision = 0
@@ -291,7 +317,8 @@ def estimate_memory(
 
     return MemoryEstimate(weights=weights, grads=4 * n_trainable, optimizer=8 * n_trainable,
                           vision_activations=int(vision), decoder_activations=int(decoder), loss=int(loss),
-                          autocast_cache=2 * n_trainable if device_type == "cuda" else 0)
+                          autocast_cache=2 * n_trainable if device_type == "cuda" else 0,
+                          recompute=int(max(block, 0 if frozen["vision"] else v_block)) if checkpointing else 0)
 
 
 def max_batch_size(cfg: VLMConfig, shape: SampleShape, budget_bytes: float, *, train: TrainConfig | None = None,
