@@ -229,6 +229,15 @@ class Engine:
                 return int(candidate)
         return 1 if self.model.image_token_id == 0 else 0
 
+    def _placeholder_ids(self) -> list[int]:
+        """Ids of the extra image tokens the tokenizer knows (the image token at least)."""
+        ids = {self.model.image_token_id}
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        if tokenizer is not None:
+            vocab = tokenizer.get_vocab()
+            ids.update(vocab[t] for t in self.model.cfg.extra_tokens if t in vocab)
+        return sorted(i for i in ids if i < self.model.cfg.language.total_vocab_size)
+
     def _check(self, prompts: Sequence[Sample], sampling: SamplingConfig) -> None:
         if not prompts:
             raise GenerationError("no prompts given; pass at least one encoded prompt")
@@ -273,6 +282,9 @@ class Engine:
         _sync(device)
         prefill_s = time.perf_counter() - t0
 
+        # Image placeholders (image, global-image and tile tokens) are inputs only: never sample them.
+        blocked = torch.tensor(self._placeholder_ids(), dtype=torch.long, device=device)
+        logits = logits.index_fill(-1, blocked, float("-inf"))
         rows = logits.shape[0]
         incremental = on_text is not None or bool(sampling.stop_strings)
         outputs = [_RowOutput(self.processor.decode, sampling.stop_strings, incremental) for _ in range(rows)]
@@ -300,7 +312,7 @@ class Engine:
             # Straight to the decoder: a sampled image-token id must not ask for image features.
             hidden = model.language(model.language.embed(feed), next_pos[:, None], segment_ids=segment_ids,
                                     kv_cache=cache)  # (R, 1, D)
-            logits = model.logits(hidden[:, -1])  # (R, V)
+            logits = model.logits(hidden[:, -1]).index_fill(-1, blocked, float("-inf"))  # (R, V)
             next_pos = next_pos + 1
         _sync(device)
         decode_s = time.perf_counter() - t1

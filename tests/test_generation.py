@@ -160,19 +160,21 @@ def test_num_generations_share_one_prefill(loaded, processor):
         handle.remove()
 
 
-def test_a_sampled_image_token_is_decoded_like_any_other_token(loaded, processor, monkeypatch):
+def test_image_placeholder_tokens_are_never_generated(loaded, processor, monkeypatch):
     model = loaded.model
     original = model.logits
+    placeholders = [processor.tokenizer.convert_tokens_to_ids(t) for t in model.cfg.extra_tokens]
 
-    def favour_image_token(hidden):
+    def favour_placeholders(hidden):
         logits = original(hidden).clone()
-        logits[..., model.image_token_id] += 1e4
+        logits[..., placeholders] += 1e4
         return logits
 
-    monkeypatch.setattr(model, "logits", favour_image_token)
+    monkeypatch.setattr(model, "logits", favour_placeholders)
     prompt = encode(processor, "Hi", [image((1, 2, 3))])
     result = Engine(model, processor).generate([prompt], greedy(max_new_tokens=3))
-    assert result.token_ids == [[model.image_token_id] * 3]
+    assert len(result.token_ids[0]) == 3
+    assert not set(result.token_ids[0]) & set(placeholders)
 
 
 def test_empty_prompt_is_an_error(loaded, processor):

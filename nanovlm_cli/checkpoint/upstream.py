@@ -7,8 +7,14 @@ projector as ours; images are `ToTensor()` only (no mean/std), split into 512px 
 tokens are spliced in place of `<|image|>` tokens. The conversion is a pure key-template table: an unknown key is an
 error naming it, never a warning.
 
-Only the image-token format (configs with `vlm_extra_tokens`, the layout upstream has saved since mid-2025) is
-supported; the earliest checkpoints that prepended image embeddings to the text are refused with a clear message.
+Three generations of upstream configs load:
+- with `vlm_extra_tokens` holding the global-image and `<row_i_col_j>` tokens (image splitting, e.g. nanoVLM-450M):
+  "tiles" processing, ChatML;
+- with `vlm_extra_tokens` holding only `<|image|>`: one fixed-size view per image, ChatML;
+- the earliest ones without `vlm_extra_tokens`, which prepended the image embeddings to a plain
+  "Question: ... Answer:" prompt: the "plain" chat template puts the image tokens first, which is the same sequence.
+Embedding rows for extra tokens upstream did not have are appended as zeros; they only ever hold image placeholders,
+whose embeddings are replaced, and generation never samples them.
 """
 
 from __future__ import annotations
@@ -75,18 +81,18 @@ def config_from_upstream(config: Mapping[str, Any]) -> VLMConfig:
     _require_keys(config, ["vit_hidden_dim", "vit_patch_size", "vit_img_size", "vit_n_heads", "vit_n_blocks",
                            "lm_hidden_dim", "lm_inter_dim", "lm_n_heads", "lm_n_kv_heads", "lm_n_blocks",
                            "mp_pixel_shuffle_factor", "lm_tokenizer"])
-    if "vlm_extra_tokens" not in config:
-        raise CheckpointError("this upstream nanoVLM checkpoint predates image tokens (images prepended to the "
-                              "text, no vlm_extra_tokens); re-save it with a current nanoVLM or use a newer one")
+    prefix_format = "vlm_extra_tokens" not in config  # images prepended to a "Question: ... Answer:" prompt
     if config.get("vit_cls_flag"):
         raise CheckpointError("upstream checkpoints with vit_cls_flag=true are not supported (SigLIP has no CLS)")
     if float(config.get("lm_attn_scaling", 1.0)) != 1.0:
         raise CheckpointError(f"lm_attn_scaling={config['lm_attn_scaling']} is not supported (only 1.0)")
-    extra = list(config["vlm_extra_tokens"].values())
+    extra_tokens = dict(config.get("vlm_extra_tokens") or {})
+    extra = list(extra_tokens.values())
     n_tiles = sum(1 for t in extra if t.startswith("<row_"))
     max_grid = int(round(n_tiles**0.5)) if n_tiles else 1
     base_vocab = int(config.get("lm_base_vocab_size", config.get("lm_vocab_size", 49152)))
-    vocab_total = int(config.get("lm_vocab_size", base_vocab + len(extra)))
+    # rows the checkpoint holds; our extra tokens always include the image and global-image tokens
+    vocab_total = max(int(config.get("lm_vocab_size", base_vocab + len(extra))), base_vocab + 2 + n_tiles)
     hidden = int(config["vit_hidden_dim"])
     vision = VisionConfig(
         kind="siglip", hub_id=None, image_size=int(config["vit_img_size"]), patch_size=int(config["vit_patch_size"]),
@@ -104,15 +110,15 @@ def config_from_upstream(config: Mapping[str, Any]) -> VLMConfig:
         tie_embeddings=bool(config.get("lm_tie_weights", True)),
     )
     image = ImageConfig(
-        mode="tiles", tile_size=int(config["vit_img_size"]), max_side=int(config.get("max_img_size", 2048)),
-        max_grid=max_grid, mean=None, std=None,
+        mode="tiles" if n_tiles else "fixed", tile_size=int(config["vit_img_size"]),
+        max_side=int(config.get("max_img_size", 2048)), max_grid=max_grid, mean=None, std=None,
     )
     return VLMConfig(
         vision=vision, language=language,
         projector=ProjectorConfig(pixel_shuffle_factor=int(config["mp_pixel_shuffle_factor"])),
-        image=image, chat_template="chatml",
-        image_token=config["vlm_extra_tokens"].get("image_token", "<|image|>"),
-        global_image_token=config["vlm_extra_tokens"].get("global_image_token", "<|global_image|>"),
+        image=image, chat_template="plain" if prefix_format else "chatml",
+        image_token=extra_tokens.get("image_token", "<|image|>"),
+        global_image_token=extra_tokens.get("global_image_token", "<|global_image|>"),
         source_format="upstream",
     )
 
@@ -140,6 +146,11 @@ def convert_upstream_state_dict(state: Mapping[str, torch.Tensor], cfg: VLMConfi
             raise CheckpointError(f"unknown upstream nanoVLM tensor {key}; this is not a checkpoint layout we know")
         ours = ("vision." if prefix == "vision_encoder" else "language.") + table[template].replace("{i}", index or "")
         out[ours] = tensor
+    rows = cfg.language.total_vocab_size
+    for name in ("language.embed_tokens.weight", "language.lm_head.weight"):
+        tensor = out.get(name)
+        if tensor is not None and tensor.shape[0] < rows:  # extra-token rows upstream did not have
+            out[name] = torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], tensor.shape[1])])
     if cfg.language.tie_embeddings:
         head = out.pop("language.lm_head.weight", None)
         embed = out.get("language.embed_tokens.weight")
