@@ -151,3 +151,50 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     saved = list((tmp_path / "term" / "checkpoints").iterdir())
     assert len(saved) == 1 and (saved[0] / STATE_FILE).is_file()
     assert str(saved[0]) in out + err
+
+
+def test_missing_tracker_fails_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    from nanovlm_cli.errors import ConfigError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"nanovlm-cli\[wandb\]"):
+        train(get_preset("tiny").model, _train_cfg(tmp_path, "nowandb", report_to="wandb"))
+    assert not (tmp_path / "nowandb").exists()
+
+
+def test_wandb_reporter_logs_every_step_and_validation(tmp_path, monkeypatch):
+    import importlib.machinery
+    import types
+
+    calls: dict[str, list] = {"init": [], "log": [], "finish": []}
+
+    class FakeRun:
+        summary: dict = {}
+
+        def log(self, values, step):
+            calls["log"].append((step, values))
+
+        def finish(self):
+            calls["finish"].append(True)
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kwargs: calls["init"].append(kwargs) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    train(get_preset("tiny").model, _train_cfg(tmp_path, "wb", report_to="wandb", wandb_project="proj", max_steps=3,
+                                               save_checkpoint_steps=3))
+    assert calls["init"][0]["project"] == "proj" and calls["init"][0]["entity"] is None
+    steps = [step for step, values in calls["log"] if "train/loss" in values]
+    assert steps == [1, 2, 3]
+    assert any("val/loss" in values for _, values in calls["log"])
+    assert calls["finish"] == [True]
+
+
+def test_eval_interval_records_accuracy_in_metrics(tmp_path):
+    summary = train(get_preset("tiny").model, _train_cfg(tmp_path, "ev", eval_interval=2, eval_size=10, max_steps=2,
+                                                         save_checkpoint_steps=2))
+    lines = [json.loads(x) for x in (Path(summary.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert "eval" not in lines[0] and 0.0 <= lines[1]["eval"]["accuracy"] <= 1.0 and lines[1]["eval"]["n"] == 10

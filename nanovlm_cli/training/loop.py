@@ -33,6 +33,7 @@ from nanovlm_cli.training.metrics import (
     NullCallback, RunInfo, StepMetrics, TrainCallback, TrainSummary, memory_snapshot,
 )
 from nanovlm_cli.training.optim import apply_freezing, build_optimizer, build_scheduler
+from nanovlm_cli.training.reporting import CallbackList, Reporter, check_reporter_installed
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def train(
 ) -> TrainSummary:
     """Train (or resume, with `cfg.resume`) and return the run's summary. Rank 0 alone writes files."""
     callback = callback or NullCallback()
+    check_reporter_installed(cfg.report_to)  # fail before any work starts
     info, device = init_distributed(cfg.device)
     if cfg.max_threads:
         torch.set_num_threads(cfg.max_threads)
@@ -156,6 +158,8 @@ def _train(model_cfg: VLMConfig, cfg: TrainConfig, callback: TrainCallback, info
         _LossModule(model), device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=True,  # text-only batches leave the vision encoder unused
     ) if info.enabled else None
+    if info.is_main and cfg.report_to != "none":
+        callback = CallbackList(callback, Reporter(cfg.report_to, model_cfg, cfg))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     callback.on_start(RunInfo(str(run_dir), run_dir.name, str(device), info.world_size, n_trainable, n_frozen,
@@ -232,8 +236,14 @@ def _train(model_cfg: VLMConfig, cfg: TrainConfig, callback: TrainCallback, info
                 data_wait_fraction=t_data / dt, memory=memory_snapshot(device), step_time_s=dt,
                 samples_seen=samples_seen, skipped_nonfinite=nonfinite_total,
             )
+            line = metrics.to_dict()
+            if cfg.eval_interval and step % cfg.eval_interval == 0 and data.final_eval is not None:
+                if info.is_main:
+                    line["eval"] = data.final_eval(model, device)
+                    model.train()
+                barrier(info)
             if metrics_file is not None:
-                metrics_file.write(json.dumps(metrics.to_dict()) + "\n")
+                metrics_file.write(json.dumps(line) + "\n")
                 metrics_file.flush()
             callback.on_step(metrics)
             if step % cfg.validation_steps == 0 or step == cfg.max_steps:
