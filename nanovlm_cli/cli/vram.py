@@ -64,7 +64,7 @@ def vram(
         "--max-batch-size-for", metavar="GIB", help="Also report the largest batch size that fits in GIB GiB.")
     ] = None,
     stop_on_oom: Annotated[bool, typer.Option("--stop-on-oom/--no-stop-on-oom",
-                                              help="Stop the sweep at the first out-of-memory.")] = True,
+                                              help="Stop the sweep at the first out-of-memory (default: report it and go on).")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", metavar="PNG",
                                               help="Save a memory-vs-batch-size plot (needs matplotlib).")] = None,
     device: DeviceOpt = "auto",
