@@ -35,6 +35,11 @@ from nanovlm_cli.models.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
 
+# Masked attention over T >= 2 * ATTENTION_CHUNK queries runs per chunk of queries, each over only the keys its mask
+# can reach (see `query_spans`): packed rows of short samples then cost ~T * (chunk + sample length), not T * T.
+ATTENTION_CHUNK = 64
+Span = tuple[int, int, int, int]  # queries [q0, q1) attend at most to keys [k0, k1)
+
 
 class RMSNorm(nn.Module):
     """RMSNorm in fp32. Llama: w * norm(x).to(dtype); Gemma (`unit_offset`): (norm(x) * (1 + w)).to(dtype)."""
@@ -90,6 +95,27 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, H, T, Dh)
 
 
+def query_spans(mask: Tensor, chunk: int | None = None) -> list[Span] | None:
+    """Chunks of queries with the key range their (B|1, 1, T, S) boolean mask allows, or None when not worth it.
+
+    The ranges come from the mask itself (first and last allowed key of any query of the chunk, any row), so
+    skipping the keys outside them is exact. Example: two packed samples of 3 and 5 tokens, chunk 4 -> queries
+    [0, 4) may see keys [0, 4) and queries [4, 8) keys [3, 8) (the second sample starts at 3).
+    """
+    chunk = chunk or ATTENTION_CHUNK
+    t, s = mask.shape[-2:]
+    if t < 2 * chunk:
+        return None
+    starts = list(range(0, t, chunk))
+    reach = torch.stack([mask[..., a:a + chunk, :].flatten(0, -2).any(0) for a in starts])  # (n_chunks, S)
+    first = reach.int().argmax(dim=1)  # first allowed key of each chunk
+    last = s - reach.flip(1).int().argmax(dim=1)  # one past the last allowed key
+    spans = [(a, min(a + chunk, t), k0, k1) for a, k0, k1 in zip(starts, first.tolist(), last.tolist())]
+    if sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in spans) > 0.75 * t * s:
+        return None  # too little to skip to pay for several calls
+    return spans
+
+
 class Attention(nn.Module):
     """Grouped-query attention with RoPE, optional per-head q/k RMSNorm, through SDPA."""
 
@@ -107,7 +133,8 @@ class Attention(nn.Module):
         self.scale = (cfg.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None,
+        spans: list[Span] | None = None,
     ) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)  # (B, T, H, Dh)
@@ -119,23 +146,30 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, H_kv, T, Dh)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, H_kv, S, Dh) each
-        y = self._sdpa(q, k, v, mask)  # (B, H, T, Dh)
+        if spans is not None and mask is not None:
+            y = torch.cat([self._sdpa(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], mask[..., q0:q1, k0:k1])
+                           for q0, q1, k0, k1 in spans], dim=2)  # (B, H, T, Dh)
+        else:
+            y = self._sdpa(q, k, v, mask)  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         b, h, t, dh = q.shape
         groups = self.n_heads // self.n_kv_heads
+        if t == 1 and groups > 1:
+            # Decode step: the query heads of one kv head become `groups` queries of it, so no key copy is needed
+            # and a (B, 1, 1, S) mask still broadcasts (the mask is shared by all heads). Faster than enable_gqa
+            # on CPU (about 1.5x per call at decode shapes).
+            y = F.scaled_dot_product_attention(q.view(b, self.n_kv_heads, groups, dh), k, v, attn_mask=mask,
+                                               scale=self.scale)  # (B, H_kv, groups, Dh)
+            return y.view(b, h, 1, dh)
         if mask is None:
             # No mask means either plain causal self-attention (T == S) or one query over the whole cache.
             return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=self.scale, enable_gqa=groups > 1)
         if groups == 1:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        if t == 1:
-            # Decode step: the query heads of one kv head become `groups` queries of it, so no key copy is needed
-            # and the (B, 1, 1, S) mask still broadcasts (the mask is shared by all heads).
-            y = F.scaled_dot_product_attention(q.view(b, self.n_kv_heads, groups, dh), k, v, attn_mask=mask,
-                                               scale=self.scale)  # (B, H_kv, groups, Dh)
-            return y.view(b, h, 1, dh)
+        if q.device.type == "cpu":  # the CPU flash kernel takes masked GQA directly (no key copies, ~10% faster)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         # Masked GQA falls back to the math kernel on CUDA with enable_gqa; repeating keys keeps fused kernels.
         k = k[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, h, -1, dh)  # (B, H, S, Dh)
         v = v[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, h, -1, dh)  # (B, H, S, Dh)
@@ -172,8 +206,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.post_mlp_norm = RMSNorm(cfg.hidden_dim, eps, off) if cfg.post_norms else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None) -> Tensor:
-        h = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache)  # (B, T, D)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None,
+                spans: list[Span] | None = None) -> Tensor:
+        h = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, spans)  # (B, T, D)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -258,16 +293,19 @@ class LanguageModel(nn.Module):
             raise DataError(f"segment_ids has shape {tuple(segment_ids.shape)}, expected (batch, slots after this "
                             f"call) = {(b, pos + t)}")
         full_mask, sliding_mask = self._masks(t, pos, segment_ids, inputs_embeds.device)
+        full_spans = query_spans(full_mask) if full_mask is not None else None
+        sliding_spans = query_spans(sliding_mask) if sliding_mask is not None else None
         cos, sin = self.rope(position_ids, inputs_embeds.dtype)
         cos_l, sin_l = self.rope_local(position_ids, inputs_embeds.dtype) if self.rope_local is not None else (cos, sin)
         use_checkpoint = self.gradient_checkpointing and self.training and kv_cache is None
         x = inputs_embeds
         for block in self.blocks:
             args = (cos_l, sin_l, sliding_mask) if block.sliding else (cos, sin, full_mask)
+            spans = sliding_spans if block.sliding else full_spans
             if use_checkpoint:
-                x = checkpoint(block, x, *args, None, use_reentrant=False)
+                x = checkpoint(block, x, *args, None, spans, use_reentrant=False)
             else:
-                x = block(x, *args, kv_cache)
+                x = block(x, *args, kv_cache, spans)
         if kv_cache is not None:
             kv_cache.advance(t)
         return self.norm(x)  # (B, T, D)

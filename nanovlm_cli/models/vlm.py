@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from nanovlm_cli.data.sample import Batch
     from nanovlm_cli.models.kv_cache import KVCache
 
-LOSS_CHUNK_TOKENS = 1024
+LOSS_CHUNK_TOKENS = 256  # logit rows live at once: 256 x 49k vocab = 50 MB in fp32
 
 
 @dataclass
@@ -99,8 +99,11 @@ class VisionLanguageModel(nn.Module):
             grid_h, grid_w = self.vision.grid(height, width)
             features = self.vision(pixels)  # (n, grid_h * grid_w, D_vision)
             tokens = self.projector(features, grid_h, grid_w)  # (n, tokens, D_language)
-            for j, i in enumerate(indices):
-                outputs[i] = tokens[j]
+            if len(groups) == 1:  # one shape (fixed size, tiles): views are already in order
+                return tokens.flatten(0, 1)  # (n * tokens, D_language)
+            # unbind, not tokens[j]: its backward is one stack, where n selects would each zero a full-size grad.
+            for i, view_tokens in zip(indices, tokens.unbind(0)):
+                outputs[i] = view_tokens
         return torch.cat(outputs, dim=0)  # type: ignore[arg-type]
 
     def embed(self, input_ids: torch.Tensor, images: Sequence[torch.Tensor] = ()) -> torch.Tensor:
