@@ -126,7 +126,7 @@ class ReferenceVLM(torch.nn.Module):
         embeds = self.language.get_input_embeddings()(input_ids)  # (B, L, D)
         if not images:
             return embeds
-        pixels = torch.stack(images)  # all views share the tile size here
+        pixels = torch.stack(images).to(self.projector.proj.weight.dtype)  # all views share the tile size here
         features = self.vision(pixel_values=pixels).last_hidden_state  # (N, grid*grid, D_vision)
         tokens = self.projector(features, self.grid, self.grid).flatten(0, 1)  # (N * tokens, D)
         mask = (input_ids == self.image_token_id).unsqueeze(-1)
