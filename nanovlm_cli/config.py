@@ -330,6 +330,7 @@ class TrainConfig(_Config):
     image_root: str | None = None
     min_rating: int | None = None
     dataset_size: int = 20000  # samples of the built-in shapes dataset
+    shapes_turns: int = 1  # questions per image in shapes training conversations
     output_dir: str = "runs"
     run_name: str | None = None
     batch_size: int = 8
@@ -372,7 +373,7 @@ class TrainConfig(_Config):
     def __post_init__(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "max_seq_len",
                      "save_checkpoint_steps", "validation_steps", "console_log_interval", "max_images_per_row",
-                     "pack_buffer"):
+                     "pack_buffer", "shapes_turns"):
             _require(getattr(self, name) > 0, f"train.{name}={getattr(self, name)} must be positive")
         for name in ("lr_mp", "lr_vision", "lr_language", "weight_decay"):
             _require(getattr(self, name) >= 0 and math.isfinite(getattr(self, name)),

@@ -65,6 +65,8 @@ def train(
                           ] = None,
     dataset_size: Annotated[int | None, _opt("--dataset-size", min=1, panel=D,
                                              help="Samples of the built-in shapes dataset.")] = None,
+    shapes_turns: Annotated[int | None, _opt("--shapes-turns", min=1, panel=D,
+                                             help="Questions per image in shapes training conversations.")] = None,
     max_seq_len: Annotated[int | None, _opt("--max-seq-len", min=1, panel=D,
                                             help="Tokens per packed row.")] = None,
     max_images_per_row: Annotated[int | None, _opt("--max-images-per-row", min=1, panel=D,

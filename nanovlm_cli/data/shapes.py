@@ -182,6 +182,11 @@ def make_item(rng: random.Random, split: str, multiple_choice: bool, category: s
         scene = _count_scene(rng, split)
     else:
         scene = _single_scene(rng, split, dominant=category in ("colour", "shape"))
+    return make_question(rng, scene, category, multiple_choice)
+
+
+def make_question(rng: random.Random, scene: Scene, category: str, multiple_choice: bool) -> ShapesItem:
+    """One question of `category` about `scene` (open, or multiple-choice with the answer at a random letter)."""
     answer = _answer(scene, category)
     question = rng.choice(QUESTIONS[category])
     if not multiple_choice:
@@ -197,24 +202,41 @@ def item_rng(index: int, *, seed: int, split: str) -> random.Random:
     return random.Random(f"shapes:{split}:{seed}:{index}")
 
 
-def _record(item: ShapesItem, index: int, image: Image.Image) -> Record:
+# Categories that are well defined for the scene a first question was drawn for (count scenes hold several shapes,
+# so "the shape" of a colour or shape question would be ambiguous there).
+FOLLOW_UPS = {"count": ("count",), "colour": ("colour", "shape"), "shape": ("colour", "shape"),
+              "position": ("position", "size", "colour", "shape"), "size": ("position", "size", "colour", "shape")}
+
+
+def _turn(item: ShapesItem) -> tuple[str, str]:
     mc = item.letter is not None
-    prompt = mmstar_prompt(item.question) if mc else item.question
-    reply = item.letter if mc else item.answer
-    messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
-        {"role": "assistant", "content": [{"type": "text", "text": reply}]},
-    ]
-    meta: dict[str, Any] = {"category": item.category, "answer": reply, "word": item.answer}
-    if mc:
-        meta["choices"] = list(item.choices)
+    return (mmstar_prompt(item.question) if mc else item.question), (item.letter if mc else item.answer)
+
+
+def _record(items: list[ShapesItem], index: int, image: Image.Image) -> Record:
+    """A conversation about one image: the first question carries the image, follow-ups are text only."""
+    messages: list[dict[str, Any]] = []
+    for k, item in enumerate(items):
+        prompt, reply = _turn(item)
+        content: list[dict[str, Any]] = [{"type": "image"}] if k == 0 else []
+        content.append({"type": "text", "text": prompt})
+        messages += [{"role": "user", "content": content},
+                     {"role": "assistant", "content": [{"type": "text", "text": reply}]}]
+    first = items[0]
+    meta: dict[str, Any] = {"category": first.category, "answer": _turn(first)[1], "word": first.answer}
+    if first.letter is not None:
+        meta["choices"] = list(first.choices)
     return Record(messages=messages, images=[image], source_index=index, meta=meta)
 
 
 class ShapesRecords(Sequence[Record]):
     """A lazy, indexable view of `n` shapes records: item i is generated on access, identically every time."""
 
-    def __init__(self, n: int, *, seed: int = 0, split: str = "train", multiple_choice: float = 0.5) -> None:
+    def __init__(self, n: int, *, seed: int = 0, split: str = "train", multiple_choice: float = 0.5,
+                 turns: int = 1) -> None:
+        if turns < 1:
+            raise DataError(f"shapes turns={turns} must be >= 1 (questions per image)")
+        self.turns = turns
         if n < 0:
             raise DataError(f"shapes dataset size {n} is negative; pass a size >= 0")
         if not 0.0 <= multiple_choice <= 1.0:
@@ -229,6 +251,16 @@ class ShapesRecords(Sequence[Record]):
         mc = rng.random() < self.multiple_choice
         return make_item(rng, self.split, mc)
 
+    def items(self, index: int) -> list[ShapesItem]:
+        """The first question (exactly `item(index)`) and `turns - 1` follow-ups about the same image."""
+        first = self.item(index)
+        if self.turns == 1:
+            return [first]
+        rng = random.Random(f"shapes-turns:{self.split}:{self.seed}:{index}")
+        follow = [make_question(rng, first.scene, rng.choice(FOLLOW_UPS[first.category]),
+                                rng.random() < self.multiple_choice) for _ in range(self.turns - 1)]
+        return [first, *follow]
+
     @overload
     def __getitem__(self, index: int) -> Record: ...
     @overload
@@ -241,13 +273,16 @@ class ShapesRecords(Sequence[Record]):
             index += self.n
         if not 0 <= index < self.n:
             raise IndexError(f"shapes index {index} out of range for {self.n} records")
-        item = self.item(index)
-        return _record(item, index, item.scene.render())
+        items = self.items(index)
+        return _record(items, index, items[0].scene.render())
 
 
-def shapes_records(n: int, *, seed: int = 0, split: str = "train", multiple_choice: float = 0.5) -> Sequence[Record]:
-    """`n` shapes records (lazy, indexable, `len()`); a fraction `multiple_choice` are MMStar-format MCQs."""
-    return ShapesRecords(n, seed=seed, split=split, multiple_choice=multiple_choice)
+def shapes_records(n: int, *, seed: int = 0, split: str = "train", multiple_choice: float = 0.5,
+                   turns: int = 1) -> Sequence[Record]:
+    """`n` shapes records (lazy, indexable, `len()`); a fraction `multiple_choice` of the questions are
+    MMStar-format MCQs; `turns` questions per image (follow-ups are further turns of the same conversation, which
+    multiplies the supervised answers per image at little extra compute)."""
+    return ShapesRecords(n, seed=seed, split=split, multiple_choice=multiple_choice, turns=turns)
 
 
 def shapes_mmstar_rows(n: int, *, seed: int = 0, split: str = "eval") -> list[dict[str, Any]]:

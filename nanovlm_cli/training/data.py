@@ -35,7 +35,8 @@ class TrainingData:
 
 def _open(cfg: TrainConfig, split: str, skips: SkipCounter, size: int | None = None):
     return open_source(cfg.dataset, config=cfg.dataset_config, split=split, stream=cfg.stream,
-                       image_root=cfg.image_root, min_rating=cfg.min_rating, size=size, seed=cfg.seed, skips=skips)
+                       image_root=cfg.image_root, min_rating=cfg.min_rating, size=size, seed=cfg.seed, skips=skips,
+                       shapes_turns=cfg.shapes_turns)
 
 
 def _validation_source(cfg: TrainConfig, skips: SkipCounter):
