@@ -22,6 +22,7 @@ complete -c nanovlm -n '__fish_seen_subcommand_from train' -l image-root -r -F -
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l min-rating -r -d 'Drop samples rated below this (datasets with quality ratings)'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l dataset-size -r -d 'Samples of the built-in shapes dataset'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l shapes-turns -r -d 'Questions per image in shapes training conversations'
+complete -c nanovlm -n '__fish_seen_subcommand_from train' -l shapes-multiple-choice -r -d 'Fraction of shapes training questions asked as multiple choice'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l max-seq-len -r -d 'Tokens per packed row'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l max-images-per-row -r -d 'Images allowed in one packed row'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l packing -d 'Pack several samples per row (block-causal attention)'

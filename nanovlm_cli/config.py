@@ -331,6 +331,7 @@ class TrainConfig(_Config):
     min_rating: int | None = None
     dataset_size: int = 20000  # samples of the built-in shapes dataset
     shapes_turns: int = 1  # questions per image in shapes training conversations
+    shapes_multiple_choice: float = 0.5  # fraction of shapes training questions in multiple-choice form
     output_dir: str = "runs"
     run_name: str | None = None
     batch_size: int = 8
@@ -379,6 +380,8 @@ class TrainConfig(_Config):
             _require(getattr(self, name) >= 0 and math.isfinite(getattr(self, name)),
                      f"train.{name}={getattr(self, name)} must be a finite number >= 0")
         _require(0 <= self.warmup_ratio < 1, f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        _require(0 <= self.shapes_multiple_choice <= 1,
+                 f"train.shapes_multiple_choice={self.shapes_multiple_choice} must be a fraction in [0, 1]")
         _require(self.num_workers >= 0, f"train.num_workers={self.num_workers} must be >= 0")
         _require(self.report_to in ("none", "wandb", "tensorboard"),
                  f"train.report_to={self.report_to!r} is not one of none, wandb, tensorboard")

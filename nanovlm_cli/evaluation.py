@@ -273,6 +273,33 @@ def evaluate_shapes(model: Any, processor: Any, n: int = 200, seed: int = 0, bat
     return evaluate(model, processor, shapes_mmstar_rows(n, seed=seed), batch_size=batch_size, benchmark="shapes")
 
 
+def evaluate_shapes_open(model: Any, processor: Any, n: int = 200, seed: int = 0,
+                         batch_size: int = 32) -> EvalResult:
+    """Exact-match accuracy of short answers on `n` open shapes questions (eval split, images never trained on)."""
+    from nanovlm_cli.data.shapes import shapes_records
+    from nanovlm_cli.generation import Engine, SamplingConfig
+
+    engine = Engine(model, processor)
+    sampling = SamplingConfig(max_new_tokens=4, greedy=True)
+    rows = shapes_records(n, seed=seed, split="eval", multiple_choice=0.0)
+    records: list[dict[str, Any]] = []
+    start, was_training = time.perf_counter(), model.training
+    model.eval()
+    try:
+        for chunk in _chunks(rows, batch_size):
+            prompts = [processor.encode_prompt(record.messages[:1], record.images) for _, record in chunk]
+            for (position, record), text in zip(chunk, engine.generate(prompts, sampling).texts):
+                answer = record.meta["answer"]
+                records.append({"index": position, "question": record.messages[0]["content"][-1]["text"],
+                                "prediction": text, "extracted": _norm(text) or None, "answer": answer,
+                                "correct": _norm(text) == _norm(answer), "category": record.meta["category"]})
+    finally:
+        model.train(was_training)
+    result = summarise("shapes-open", records, time.perf_counter() - start)
+    log.info("shapes-open: accuracy %.4f on %d samples (%.1fs)", result.accuracy, result.n, result.wall_s)
+    return result
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Ledger files and comparison
 

@@ -67,6 +67,9 @@ def train(
                                              help="Samples of the built-in shapes dataset.")] = None,
     shapes_turns: Annotated[int | None, _opt("--shapes-turns", min=1, panel=D,
                                              help="Questions per image in shapes training conversations.")] = None,
+    shapes_multiple_choice: Annotated[float | None, _opt("--shapes-multiple-choice", min=0.0, max=1.0, panel=D,
+                                                         help="Fraction of shapes training questions asked as "
+                                                              "multiple choice.")] = None,
     max_seq_len: Annotated[int | None, _opt("--max-seq-len", min=1, panel=D,
                                             help="Tokens per packed row.")] = None,
     max_images_per_row: Annotated[int | None, _opt("--max-images-per-row", min=1, panel=D,

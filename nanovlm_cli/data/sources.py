@@ -271,13 +271,14 @@ def _pick_split(dataset: Any, split: str, where: str) -> Any:
 
 def open_source(spec: str, *, config: str | None = None, split: str = "train", stream: bool = False,
                 image_root: str | None = None, min_rating: int | None = None, size: int | None = None,
-                seed: int = 0, skips: SkipCounter | None = None, shapes_turns: int = 1) -> RecordSource:
+                seed: int = 0, skips: SkipCounter | None = None, shapes_turns: int = 1,
+                shapes_multiple_choice: float = 0.5) -> RecordSource:
     """Open any supported dataset as Records (see the module docstring). `size` keeps the first `size` rows."""
     if spec == "shapes":
         from nanovlm_cli.data.shapes import shapes_records
 
         return shapes_records(size if size is not None else SHAPES_DEFAULT_SIZE, seed=seed, split=split,
-                              turns=shapes_turns if split == "train" else 1)
+                              turns=shapes_turns, multiple_choice=shapes_multiple_choice)
     import datasets
 
     path = Path(spec).expanduser()

@@ -36,7 +36,7 @@ class TrainingData:
 def _open(cfg: TrainConfig, split: str, skips: SkipCounter, size: int | None = None):
     return open_source(cfg.dataset, config=cfg.dataset_config, split=split, stream=cfg.stream,
                        image_root=cfg.image_root, min_rating=cfg.min_rating, size=size, seed=cfg.seed, skips=skips,
-                       shapes_turns=cfg.shapes_turns)
+                       shapes_turns=cfg.shapes_turns, shapes_multiple_choice=cfg.shapes_multiple_choice)
 
 
 def _validation_source(cfg: TrainConfig, skips: SkipCounter):
@@ -74,9 +74,11 @@ def build_training_data(model_cfg: VLMConfig, cfg: TrainConfig, tokenizer: Any, 
     final_eval = None
     if cfg.dataset == "shapes" and cfg.eval_size > 0:
         def final_eval(model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
-            from nanovlm_cli.evaluation import evaluate_shapes
+            """Multiple-choice accuracy (MMStar format) with the short-answer accuracy under "open"."""
+            from nanovlm_cli.evaluation import evaluate_shapes, evaluate_shapes_open
 
             model.eval()
-            result = evaluate_shapes(model, processor, n=cfg.eval_size, seed=cfg.seed, batch_size=32)
-            return result.to_dict()
+            result = evaluate_shapes(model, processor, n=cfg.eval_size, seed=cfg.seed, batch_size=32).to_dict()
+            result["open"] = evaluate_shapes_open(model, processor, n=cfg.eval_size, seed=cfg.seed).to_dict()
+            return result
     return TrainingData(loader, validation, skips, processor, final_eval)
