@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import resource
+from pathlib import Path
 import subprocess
 import sys
 import time
@@ -392,7 +393,22 @@ def _rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (Linux: VmHWM via /proc/self/clear_refs), so that transient peaks of
+    imports and warm-up are not charged to the step. False where the platform cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_rss() -> int:
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     scale = 1 if sys.platform == "darwin" else 1024  # Linux reports kB, macOS bytes
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
 
@@ -428,6 +444,7 @@ def measure_step(cfg: VLMConfig, train: TrainConfig, shape: SampleShape, batch_s
     else:
         _warm_up(cfg, train, shape, device)
         base = _rss()
+        _reset_peak_rss()
     model = optimizer = batch = None
     result = StepMeasurement(batch_size, str(device), None)
     try:
