@@ -88,7 +88,7 @@ complete -c nanovlm -n '__fish_seen_subcommand_from generate' -l device -r -d 'D
 complete -c nanovlm -n '__fish_seen_subcommand_from generate' -l dtype -x -a 'auto float32 bfloat16 float16' -d 'Weights dtype: auto, float32, bfloat16, float16'
 complete -c nanovlm -n '__fish_seen_subcommand_from generate' -l json -d 'Print the result as JSON on stdout'
 complete -c nanovlm -n '__fish_seen_subcommand_from generate' -F
-complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l benchmark -s b -r -d 'mmstar, shapes, or a directory of MMStar-format data'
+complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l benchmark -s b -r -d 'mmstar, shapes (multiple choice), shapes-open (short answers), or a directory of MMStar-format data'
 complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l limit -r -d 'Score only the first N samples'
 complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l batch-size -r -d 'Samples per batch'
 complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l split -r -d 'Benchmark split (default: the benchmark\'s own)'

@@ -394,12 +394,16 @@ def evaluate_checkpoint(
     from nanovlm_cli.distributed import resolve_device
     from nanovlm_cli.generation import resolve_dtype
 
-    data = load_benchmark(benchmark, split=split, limit=limit, seed=seed)  # data errors before the model loads
-    torch_device = resolve_device(device)
+    data = None if benchmark == "shapes-open" else load_benchmark(benchmark, split=split, limit=limit, seed=seed)
+    torch_device = resolve_device(device)  # data errors come before the model loads
     loaded = load_model(checkpoint, device=torch_device, dtype=resolve_dtype("auto", torch_device))
-    result = evaluate(loaded.model, Processor(loaded.cfg, loaded.tokenizer), data.rows,
-                      batch_size=batch_size or DEFAULT_BATCH_SIZE, max_new_tokens=max_new_tokens,
-                      on_progress=on_progress, benchmark=data.name)
+    processor = Processor(loaded.cfg, loaded.tokenizer)
+    if data is None:  # the built-in short-answer set: exact match per category
+        result = evaluate_shapes_open(loaded.model, processor, n=limit or 200, seed=seed,
+                                      batch_size=batch_size or DEFAULT_BATCH_SIZE)
+    else:
+        result = evaluate(loaded.model, processor, data.rows, batch_size=batch_size or DEFAULT_BATCH_SIZE,
+                          max_new_tokens=max_new_tokens, on_progress=on_progress, benchmark=data.name)
     result = replace(result, checkpoint=str(checkpoint))
     if output_dir is not None:
         result = replace(result, output_dir=str(output_dir))

@@ -198,3 +198,29 @@ def test_eval_command_renders_a_table(checkpoint, capsys):
     assert run(["eval", str(checkpoint), "--benchmark", "shapes", "--limit", "5", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "overall" in out and "colour" in out
+
+
+def test_open_shapes_eval_scores_exact_short_answers(monkeypatch):
+    from nanovlm_cli import generation
+    from nanovlm_cli.data.shapes import shapes_records
+    from nanovlm_cli.evaluation import evaluate_shapes_open
+    from tests.helpers import tiny_model
+
+    loaded = tiny_model()
+    from nanovlm_cli.data.processor import Processor
+
+    processor = Processor(loaded.cfg, loaded.tokenizer)
+    truth = [r.meta["answer"] for r in shapes_records(12, split="eval", multiple_choice=0.0)]
+    calls = iter(range(100))
+
+    def fake_generate(self, prompts, sampling, on_text=None):
+        start = 4 * next(calls)  # batches of 4
+        texts = [f" {truth[start + i].upper()}." if (start + i) % 2 == 0 else "no idea" for i in range(len(prompts))]
+        return generation.GenerationResult(texts, [[] for _ in texts], [1] * len(texts), [0] * len(texts),
+                                           0.0, 0.0, 0.0, ["eos"] * len(texts))
+
+    monkeypatch.setattr(generation.Engine, "generate", fake_generate)
+    result = evaluate_shapes_open(loaded.model, processor, n=12, batch_size=4)
+    assert result.benchmark == "shapes-open" and result.n == 12
+    assert result.accuracy == 0.5  # case and punctuation do not matter; wrong answers are wrong
+    assert [r["correct"] for r in result.records] == [i % 2 == 0 for i in range(12)]

@@ -51,7 +51,8 @@ def _comparison_lines(result: Any) -> list[str]:
 def evaluate(
     checkpoint: CheckpointArg,
     benchmark: Annotated[str, typer.Option(
-        "--benchmark", "-b", help="mmstar, shapes, or a directory of MMStar-format data.")] = "mmstar",
+        "--benchmark", "-b", help="mmstar, shapes (multiple choice), shapes-open (short answers), or a directory of "
+                 "MMStar-format data.")] = "mmstar",
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Score only the first N samples.")] = None,
     batch_size: BatchSizeOpt = None,
     split: Annotated[str | None, typer.Option("--split", help="Benchmark split (default: the benchmark's own).")
