@@ -54,7 +54,7 @@ def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     return DistInfo(rank, world_size, local_rank), device
 
 
-def all_reduce_sum(value: float | int, info: DistInfo, device: torch.device) -> float:
+def all_reduce_sum(value: float, info: DistInfo, device: torch.device) -> float:
     if not info.enabled:
         return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")

@@ -20,7 +20,8 @@ whose embeddings are replaced, and generation never samples them.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

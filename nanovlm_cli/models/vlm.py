@@ -14,9 +14,10 @@ positions only and computes cross-entropy over them in chunks (each chunk recomp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,13 @@ def chunked_cross_entropy(
         else:
             total = total + _ce_chunk(h, weight, t)
     return total
+
+
+def loss_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets (B, L-1), keep mask (B, L-1)): position t predicts label t+1, only inside one packed sample."""
+    targets = batch.labels[:, 1:]
+    same_sample = batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1]
+    return targets, (targets != -100) & same_sample
 
 
 class VisionLanguageModel(nn.Module):
@@ -132,7 +140,7 @@ class VisionLanguageModel(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
-        kv_cache: "KVCache | None" = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Final hidden states (B, T, D). Positions default to 0..T-1 after what the cache already holds."""
         if position_ids is None:
@@ -145,16 +153,14 @@ class VisionLanguageModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language.logits(hidden)
 
-    def loss(self, batch: "Batch") -> LossOutput:
+    def loss(self, batch: Batch) -> LossOutput:
         """Summed next-token cross-entropy over supervised tokens of a packed batch.
 
         Position t predicts label t+1, and only inside one sample: a target whose segment differs from the
         predicting position's (the first token of the next packed sample) is never a target.
         """
         hidden = self(batch.input_ids, batch.images, position_ids=batch.position_ids, segment_ids=batch.segment_ids)
-        targets = batch.labels[:, 1:]  # (B, L-1)
-        same_sample = batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1]
-        keep = (targets != -100) & same_sample
+        targets, keep = loss_targets(batch)  # (B, L-1) each
         selected = hidden[:, :-1][keep]  # (N, D)
         n_tokens = int(keep.sum())
         if n_tokens == 0:
@@ -166,7 +172,7 @@ class VisionLanguageModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source: str | Path, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "VisionLanguageModel":
+                        dtype: torch.dtype = torch.float32) -> VisionLanguageModel:
         """Load a nanovlm or upstream-nanoVLM checkpoint from a Hub id or a local directory."""
         from nanovlm_cli.checkpoint.io import load_model
 

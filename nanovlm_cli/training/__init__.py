@@ -3,4 +3,4 @@
 from nanovlm_cli.training.loop import train
 from nanovlm_cli.training.metrics import RunInfo, StepMetrics, TrainCallback, TrainSummary
 
-__all__ = ["train", "RunInfo", "StepMetrics", "TrainCallback", "TrainSummary"]
+__all__ = ["RunInfo", "StepMetrics", "TrainCallback", "TrainSummary", "train"]

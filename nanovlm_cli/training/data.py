@@ -8,8 +8,9 @@ they have one, and otherwise the run reports no validation loss rather than vali
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -27,10 +27,16 @@ from nanovlm_cli.checkpoint.io import build_model, load_model, save_model
 from nanovlm_cli.config import TrainConfig, VLMConfig
 from nanovlm_cli.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from nanovlm_cli.errors import TrainingError
+from nanovlm_cli.models.vlm import loss_targets
 from nanovlm_cli.training import state as st
 from nanovlm_cli.training.data import TrainingData, build_training_data
 from nanovlm_cli.training.metrics import (
-    NullCallback, RunInfo, StepMetrics, TrainCallback, TrainSummary, memory_snapshot,
+    NullCallback,
+    RunInfo,
+    StepMetrics,
+    TrainCallback,
+    TrainSummary,
+    memory_snapshot,
 )
 from nanovlm_cli.training.optim import apply_freezing, build_optimizer, build_scheduler
 from nanovlm_cli.training.reporting import CallbackList, Reporter, check_reporter_installed
@@ -45,7 +51,7 @@ class _StopFlag:
         self.requested = False
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> _StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -58,12 +64,12 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.requested = True
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def _run_dir(model_cfg: VLMConfig, cfg: TrainConfig) -> Path:
+def _run_dir(cfg: TrainConfig) -> Path:
     name = cfg.run_name or time.strftime("nanovlm-%Y%m%d-%H%M%S")
     return Path(cfg.output_dir) / name
 
@@ -120,7 +126,7 @@ def _train(model_cfg: VLMConfig, cfg: TrainConfig, callback: TrainCallback, info
         resume_state = st.load_training_state(checkpoint)
         model_cfg = loaded.cfg
     else:
-        run_dir = _run_dir(model_cfg, cfg)
+        run_dir = _run_dir(cfg)
         loaded = build_model(model_cfg, load_backbones=True, device=device)
         model_cfg = loaded.cfg
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -192,8 +198,7 @@ def _train(model_cfg: VLMConfig, cfg: TrainConfig, callback: TrainCallback, info
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
             t_data = time.perf_counter() - t0
-            local_tokens = sum(int(((b.labels[:, 1:] != -100) & (b.segment_ids[:, 1:] == b.segment_ids[:, :-1])).sum())
-                               for b in micro)
+            local_tokens = sum(int(loss_targets(b)[1].sum()) for b in micro)
             global_tokens = all_reduce_sum(local_tokens, info, device)
             scale = info.world_size / max(global_tokens, 1.0)  # DDP averages gradients over ranks
             loss_sum = 0.0
@@ -252,7 +257,6 @@ def _train(model_cfg: VLMConfig, cfg: TrainConfig, callback: TrainCallback, info
                     callback.on_validation(step, val_loss)
             stop_now = bool(all_reduce_sum(float(stop.requested), info, device))
             if step % cfg.save_checkpoint_steps == 0 or stop_now:
-                path: Path | None = None
                 is_best = val_loss is not None and (best_val is None or val_loss < best_val) \
                     and step % cfg.validation_steps == 0
                 if is_best:
