@@ -32,10 +32,11 @@ _nanovlm() {
         eval)
             case "$prev" in
                 --backend) COMPREPLY=($(compgen -W "native lmms-eval" -- "$cur")); return 0 ;;
+                --scoring) COMPREPLY=($(compgen -W "generate rank" -- "$cur")); return 0 ;;
                 --output|-o|--compare) COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
                 --benchmark|-b|--limit|--batch-size|--split|--tasks|--device) COMPREPLY=(); return 0 ;;
             esac
-            opts="--benchmark -b --limit --batch-size --split --output -o --compare --backend --tasks --device --json --help -h" ;;
+            opts="--benchmark -b --limit --batch-size --split --output -o --compare --backend --scoring --tasks --device --json --help -h" ;;
         vram)
             case "$prev" in
                 --preset) COMPREPLY=($(compgen -W "default original_small dinov3_gemma dinov2_smollm tiny" -- "$cur")); return 0 ;;

@@ -6,6 +6,10 @@ is asked with `mmstar_prompt`, answered greedily in batches, and the reply is ma
 with one ("B. blue"), a phrase names one ("the answer is B"), a parenthesised letter, the reply names exactly one
 option's text ("blue"), and finally one standalone capital letter. Every sample is kept in the result's `records`
 (the per-sample ledger), so two runs can be compared sample by sample (`compare_results`).
+
+The alternative, "rank" scoring (`evaluate_ranked`), asks no letter: it scores every option's text as the reply to
+the question without its option list and picks the most likely one, as lm-evaluation-harness does for
+"multiple_choice" tasks. It measures what the model knows even when it never learned the option-to-letter lookup.
 """
 
 from __future__ import annotations
@@ -34,12 +38,11 @@ ProgressCallback = Callable[[int, "int | None"], None]  # (samples done, total o
 _OPTION_MARK = re.compile(r"(?<![A-Za-z0-9])\(?([A-H])\s*[.:)]\s+")
 
 
-def parse_options(question: str) -> dict[str, str]:
-    """The options listed in an MMStar-format question: {"A": "red", ...}; {} when none are found.
+_OPTIONS_LABEL = re.compile(r"(?:options|choices)\s*:\s*$", re.IGNORECASE)
 
-    Accepts one option per line ("A. red", "(B) blue", "C: green") and MMStar's inline "Options: A: x, B: y, ...".
-    The longest run of consecutive letters starting at "A" wins, so a stray "A." in the question text is ignored.
-    """
+
+def _option_marks(question: str) -> list[re.Match[str]]:
+    """The option markers of `question`: the longest run of consecutive letters from "A" (ties: the last); [] if <2."""
     marks = list(_OPTION_MARK.finditer(question))
     best: list[re.Match[str]] = []
     for start, mark in enumerate(marks):
@@ -51,8 +54,16 @@ def parse_options(question: str) -> dict[str, str]:
                 run.append(nxt)
         if len(run) >= len(best):
             best = run
-    if len(best) < 2:
-        return {}
+    return best if len(best) >= 2 else []
+
+
+def parse_options(question: str) -> dict[str, str]:
+    """The options listed in an MMStar-format question: {"A": "red", ...}; {} when none are found.
+
+    Accepts one option per line ("A. red", "(B) blue", "C: green") and MMStar's inline "Options: A: x, B: y, ...".
+    The longest run of consecutive letters starting at "A" wins, so a stray "A." in the question text is ignored.
+    """
+    best = _option_marks(question)
     options = {}
     for i, mark in enumerate(best):
         end = best[i + 1].start() if i + 1 < len(best) else len(question)
@@ -61,6 +72,19 @@ def parse_options(question: str) -> dict[str, str]:
             text = text.split("\n")[0]  # the instruction may follow the last option
         options[mark.group(1)] = text.strip().rstrip(",;").strip()
     return options
+
+
+def question_stem(question: str) -> str:
+    """The question without its option list: the text before the first option marker, less an "Options:" label.
+
+    >>> question_stem("What colour is the shape?\\nA. red\\nB. blue")
+    'What colour is the shape?'
+    >>> question_stem("Which is right?\\nOptions: A: x, B: y")
+    'Which is right?'
+    """
+    marks = _option_marks(question)
+    stem = question[:marks[0].start()] if marks else question
+    return _OPTIONS_LABEL.sub("", stem.rstrip()).strip()
 
 
 def _norm(text: str) -> str:
@@ -152,6 +176,7 @@ class EvalResult:
     by_category: dict[str, float]
     records: list[dict[str, Any]]
     n_by_category: dict[str, int] = field(default_factory=dict)
+    scoring: str = "generate"  # "generate" (a greedy reply, letter extracted) or "rank" (option likelihood)
     unanswered: int = 0  # replies that named no option
     wall_s: float = 0.0
     checkpoint: str | None = None
@@ -159,8 +184,9 @@ class EvalResult:
     comparison: Comparison | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"benchmark": self.benchmark, "n": self.n, "accuracy": self.accuracy, "by_category": self.by_category,
-               "n_by_category": self.n_by_category, "unanswered": self.unanswered, "wall_s": round(self.wall_s, 3)}
+        out = {"benchmark": self.benchmark, "scoring": self.scoring, "n": self.n, "accuracy": self.accuracy,
+               "by_category": self.by_category, "n_by_category": self.n_by_category, "unanswered": self.unanswered,
+               "wall_s": round(self.wall_s, 3)}
         if self.checkpoint is not None:
             out["checkpoint"] = self.checkpoint
         if self.output_dir is not None:
@@ -170,7 +196,8 @@ class EvalResult:
         return out
 
 
-def summarise(benchmark: str, records: list[dict[str, Any]], wall_s: float = 0.0) -> EvalResult:
+def summarise(benchmark: str, records: list[dict[str, Any]], wall_s: float = 0.0,
+              scoring: str = "generate") -> EvalResult:
     """An EvalResult from ledger records (each with "correct", "category" and "extracted")."""
     if not records:
         raise DataError(f"benchmark {benchmark!r} gave no samples to score; check --limit, --split and the data")
@@ -184,7 +211,7 @@ def summarise(benchmark: str, records: list[dict[str, Any]], wall_s: float = 0.0
         benchmark=benchmark, n=len(records), accuracy=n_correct / len(records),
         by_category={c: right / n for c, (right, n) in sorted(totals.items())},
         records=records, n_by_category={c: n for c, (_, n) in sorted(totals.items())},
-        unanswered=sum(r.get("extracted") is None for r in records), wall_s=wall_s,
+        unanswered=sum(r.get("extracted") is None for r in records), wall_s=wall_s, scoring=scoring,
     )
 
 
@@ -301,6 +328,102 @@ def evaluate_shapes_open(model: Any, processor: Any, n: int = 200, seed: int = 0
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Scoring by option likelihood ("rank")
+
+
+def _option_samples(processor: Any, row: dict[str, Any]) -> list[Any]:
+    """One training-style Sample per option: the question stem and image asked, the option text as the reply."""
+    from nanovlm_cli.data.images import load_image
+    from nanovlm_cli.data.sample import Record
+    from nanovlm_cli.generation import user_message
+
+    if not row["options"]:
+        raise DataError(f"benchmark row {row['index']} lists no options in its question; rank scoring needs "
+                        "'A. text' lines or 'Options: A: x, B: y' in the question (or use --scoring generate)")
+    image = load_image(row["image"], name=f"benchmark row {row['index']}")
+    prompt = user_message(question_stem(row["question"]), 1)
+    return [processor.encode(Record(prompt + [{"role": "assistant", "content": [{"type": "text", "text": text}]}],
+                                    [image], source_index=row["index"]))
+            for text in row["options"].values()]
+
+
+def score_samples(model: Any, samples: list[Any], pad_token_id: int = 0) -> list[float]:
+    """Summed log-probability of each sample's supervised tokens (its reply and end-of-turn token), one forward.
+
+    Only the supervised positions are projected to the vocabulary, so no (B, L, V) logits are ever built.
+    """
+    import torch
+
+    from nanovlm_cli.data.packing import collate
+    from nanovlm_cli.models.vlm import loss_targets
+
+    batch = collate([[sample] for sample in samples], pad_token_id=pad_token_id).to(model.device)
+    hidden = model(batch.input_ids, batch.images, position_ids=batch.position_ids,
+                   segment_ids=batch.segment_ids)  # (B, L, D)
+    targets, keep = loss_targets(batch)  # (B, L-1) each: position t predicts label t+1
+    logits = model.logits(hidden[:, :-1][keep]).float()  # (N, V), N supervised positions
+    token_logp = logits.log_softmax(-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)  # (N,)
+    rows = keep.nonzero()[:, 0]  # (N,) the sample each supervised position belongs to
+    return torch.zeros(len(samples), device=logits.device).index_add_(0, rows, token_logp).tolist()
+
+
+def evaluate_ranked(
+    model: Any,
+    processor: Any,
+    rows: Iterable[dict[str, Any]],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_progress: ProgressCallback | None = None,
+    benchmark: str = "custom",
+) -> EvalResult:
+    """Choose each MMStar-format row's option by likelihood, `batch_size` rows (all their options) per forward.
+
+    Each option's text is scored as the assistant's reply to the question stem (`question_stem`) and the image,
+    under the chat template the model trained with: the summed log-probability of its tokens and the end-of-turn
+    token. The highest score wins (ties: the earlier letter), as lm-evaluation-harness scores "multiple_choice"
+    tasks. The model is put in eval mode for the run and restored afterwards.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise DataError(f"batch_size={batch_size} must be >= 1")
+    total = len(rows) if isinstance(rows, Sized) else None
+    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    records: list[dict[str, Any]] = []
+    start, was_training = time.perf_counter(), model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for chunk in _chunks(rows, batch_size):
+                batch = [normalise_row(raw, position) for position, raw in chunk]
+                samples = [_option_samples(processor, row) for row in batch]
+                scores = iter(score_samples(model, [s for row_samples in samples for s in row_samples], pad_id))
+                for row in batch:
+                    by_letter = {letter: next(scores) for letter in row["options"]}
+                    choice = max(by_letter, key=by_letter.__getitem__)  # the first of equal maxima
+                    records.append({"index": row["index"], "question": row["question"],
+                                    "prediction": row["options"][choice], "extracted": choice,
+                                    "answer": row["answer"], "correct": choice == row["answer"],
+                                    "category": row["category"], "scores": by_letter})
+                if on_progress is not None:
+                    on_progress(len(records), total)
+    finally:
+        model.train(was_training)
+    result = summarise(benchmark, records, time.perf_counter() - start, scoring="rank")
+    log.info("%s (rank): accuracy %.4f on %d samples (%.1fs)", benchmark, result.accuracy, result.n, result.wall_s)
+    return result
+
+
+def evaluate_shapes_ranked(model: Any, processor: Any, n: int = 200, seed: int = 0,
+                           batch_size: int = 32) -> EvalResult:
+    """Rank-scored accuracy on the same `n` built-in shapes MCQs `evaluate_shapes` asks (eval split)."""
+    from nanovlm_cli.data.shapes import shapes_mmstar_rows
+
+    return evaluate_ranked(model, processor, shapes_mmstar_rows(n, seed=seed), batch_size=batch_size,
+                           benchmark="shapes-rank")
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Ledger files and comparison
 
 
@@ -373,12 +496,23 @@ def evaluate_checkpoint(
     device: str = "auto",
     max_new_tokens: int = 8,
     seed: int = 0,
+    scoring: str = "generate",
     on_progress: ProgressCallback | None = None,
 ) -> Any:
     """Load `checkpoint`, score it on `benchmark`, write results.json + ledger.jsonl to `output_dir` when given.
 
-    With backend "lmms-eval" the checkpoint is handed to lmms-eval's `tasks` instead (see `lmms_adapter`).
+    `scoring` "generate" asks for a letter and extracts it from the reply (`evaluate`); "rank" picks the most likely
+    option text (`evaluate_ranked`). With backend "lmms-eval" the checkpoint is handed to lmms-eval's `tasks` instead
+    (see `lmms_adapter`).
     """
+    if scoring not in ("generate", "rank"):
+        raise DataError(f"scoring={scoring!r} is not one of generate, rank")
+    if scoring == "rank" and backend != "native":
+        raise DataError("--scoring rank works with the native backend only; drop --backend lmms-eval or use "
+                        "--scoring generate")
+    if scoring == "rank" and benchmark == "shapes-open":
+        raise DataError("--scoring rank needs multiple-choice questions and shapes-open has none; use --benchmark "
+                        "shapes or --scoring generate")
     if backend == "lmms-eval":
         from nanovlm_cli.lmms_adapter import run_lmms_eval
 
@@ -401,6 +535,9 @@ def evaluate_checkpoint(
     if data is None:  # the built-in short-answer set: exact match per category
         result = evaluate_shapes_open(loaded.model, processor, n=limit or 200, seed=seed,
                                       batch_size=batch_size or DEFAULT_BATCH_SIZE)
+    elif scoring == "rank":
+        result = evaluate_ranked(loaded.model, processor, data.rows, batch_size=batch_size or DEFAULT_BATCH_SIZE,
+                                 on_progress=on_progress, benchmark=data.name)
     else:
         result = evaluate(loaded.model, processor, data.rows, batch_size=batch_size or DEFAULT_BATCH_SIZE,
                           max_new_tokens=max_new_tokens, on_progress=on_progress, benchmark=data.name)

@@ -17,14 +17,18 @@ from nanovlm_cli.evaluation import (
     compare_results,
     evaluate,
     evaluate_checkpoint,
+    evaluate_ranked,
     evaluate_shapes,
+    evaluate_shapes_ranked,
     extract_choice,
     parse_options,
+    question_stem,
     read_results,
     summarise,
     write_results,
 )
 from nanovlm_cli.presets import get_preset
+from tests.helpers import solid_image
 
 COLOURS_Q = "What colour is the shape?\nA. red\nB. blue\nC. dark red\nD. pink"
 MMSTAR_Q = ("Which option describe the object relationship in the image correctly?\nOptions: A: The suitcase is on "
@@ -224,3 +228,130 @@ def test_open_shapes_eval_scores_exact_short_answers(monkeypatch):
     assert result.benchmark == "shapes-open" and result.n == 12
     assert result.accuracy == 0.5  # case and punctuation do not matter; wrong answers are wrong
     assert [r["correct"] for r in result.records] == [i % 2 == 0 for i in range(12)]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Rank scoring: each option's text scored as the reply, the most likely one chosen
+
+
+def test_question_stem_drops_the_option_list_and_its_label():
+    assert question_stem(COLOURS_Q) == "What colour is the shape?"
+    assert question_stem(MMSTAR_Q) == ("Which option describe the object relationship in the image correctly?")
+    assert question_stem("Which animal?\nChoices:\n(A) cat\n(B) dog") == "Which animal?"
+    assert question_stem("Is A. the first letter?\nA. yes\nB. no") == "Is A. the first letter?"
+    assert question_stem("What is shown?") == "What is shown?"
+
+
+def _ranked_rows():
+    """Shapes rows plus an MMStar-style inline row with long, multi-token options."""
+    rows = shapes_mmstar_rows(6, seed=2)
+    rows.append({"index": 6, "question": MMSTAR_Q, "image": solid_image(), "answer": "C", "category": "relation"})
+    return rows
+
+
+def _reference_scores(model, processor, row):
+    """{letter: summed log-prob} one option at a time: a full-logits forward over prompt + reply + end of turn."""
+    eot = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompt = processor.encode_prompt(question_stem(row["question"]), [row["image"]])
+    scores = {}
+    for letter, text in parse_options(row["question"]).items():
+        reply = processor.tokenizer(text, add_special_tokens=False)["input_ids"] + [eot]
+        ids = torch.cat([prompt.input_ids, torch.tensor(reply)])
+        with torch.no_grad():
+            logp = model.logits(model(ids[None], prompt.images))[0].log_softmax(-1)  # (T, V)
+        start = len(prompt.input_ids)
+        scores[letter] = sum(logp[start - 1 + j, token].item() for j, token in enumerate(reply))
+    return scores
+
+
+def test_ranked_scores_match_full_forward_one_option_at_a_time(tiny):
+    processor = Processor(tiny.cfg, tiny.tokenizer)
+    rows = _ranked_rows()
+    result = evaluate_ranked(tiny.model, processor, rows, batch_size=3)
+    assert result.scoring == "rank" and result.to_dict()["scoring"] == "rank"
+    for record, row in zip(result.records, rows):
+        reference = _reference_scores(tiny.model, processor, row)
+        assert set(record["scores"]) == set(reference)
+        for letter, score in reference.items():
+            assert record["scores"][letter] == pytest.approx(score, abs=1e-4)
+        best = max(reference, key=reference.__getitem__)
+        assert record["extracted"] == best and record["prediction"] == parse_options(row["question"])[best]
+        assert record["correct"] == (best == row["answer"])
+
+
+def test_ranked_choices_do_not_depend_on_batch_size_and_training_mode_is_restored(tiny):
+    processor = Processor(tiny.cfg, tiny.tokenizer)
+    rows = _ranked_rows()
+    seen = []
+    tiny.model.train()
+    one = evaluate_ranked(tiny.model, processor, rows, batch_size=1)
+    seven = evaluate_ranked(tiny.model, processor, rows, batch_size=7, on_progress=lambda *a: seen.append(a))
+    assert tiny.model.training and seen == [(7, 7)]
+    assert [r["extracted"] for r in one.records] == [r["extracted"] for r in seven.records]
+    for a, b in zip(one.records, seven.records):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+    assert one.by_category.keys() == set(CATEGORIES) | {"relation"}
+
+
+def test_ranked_evaluation_picks_the_option_the_model_makes_most_likely(monkeypatch):
+    from tests.helpers import tiny_model
+
+    loaded = tiny_model(seed=3)
+    processor = Processor(loaded.cfg, loaded.tokenizer)
+    blue = loaded.tokenizer("blue", add_special_tokens=False)["input_ids"][0]
+    logits = loaded.model.logits
+
+    def favour_blue(hidden):
+        out = logits(hidden)
+        out[..., blue] += 30.0
+        return out
+
+    monkeypatch.setattr(loaded.model, "logits", favour_blue)
+    options = ["red", "blue", "dark red", "pink"]
+    rows = []
+    for k in range(4):  # "blue" at every letter in turn
+        shown = options[k:] + options[:k]
+        listed = "\n".join(f"{letter}. {text}" for letter, text in zip("ABCD", shown))
+        rows.append({"question": f"What colour is the shape?\n{listed}", "image": solid_image(),
+                     "answer": "ABCD"[shown.index("blue")], "category": "colour"})
+    result = evaluate_ranked(loaded.model, processor, rows, batch_size=3)
+    assert [r["prediction"] for r in result.records] == ["blue"] * 4
+    assert result.accuracy == 1.0 and result.by_category == {"colour": 1.0}
+
+
+def test_ranked_evaluation_names_a_row_without_options(tiny):
+    processor = Processor(tiny.cfg, tiny.tokenizer)
+    rows = [{"question": "What colour is the shape?", "image": solid_image(), "answer": "A"}]
+    with pytest.raises(DataError, match="benchmark row 0 lists no options.*--scoring generate"):
+        evaluate_ranked(tiny.model, processor, rows)
+
+
+def test_evaluate_shapes_ranked_asks_the_generate_questions(tiny):
+    processor = Processor(tiny.cfg, tiny.tokenizer)
+    ranked = evaluate_shapes_ranked(tiny.model, processor, n=5, batch_size=5)
+    asked = evaluate_shapes(tiny.model, processor, n=5, batch_size=5)
+    assert ranked.benchmark == "shapes-rank" and set(ranked.by_category) == set(CATEGORIES)
+    assert [r["question"] for r in ranked.records] == [r["question"] for r in asked.records]
+    assert [r["answer"] for r in ranked.records] == [r["answer"] for r in asked.records]
+
+
+def test_eval_command_rank_scoring_writes_results_saying_rank(checkpoint, tmp_path):
+    args = ["eval", str(checkpoint), "--benchmark", "shapes", "--limit", "5", "--device", "cpu"]
+    assert run([*args, "--scoring", "rank", "--output", str(tmp_path / "rank")]) == 0
+    results, ledger = read_results(tmp_path / "rank")
+    assert results["scoring"] == "rank" and results["n"] == 5 and set(results["by_category"]) == set(CATEGORIES)
+    assert all(set(r["scores"]) == {"A", "B", "C", "D"} for r in ledger)
+    assert all(r["prediction"] == parse_options(r["question"])[r["extracted"]] for r in ledger)
+    assert run([*args, "--output", str(tmp_path / "generate")]) == 0
+    assert read_results(tmp_path / "generate")[0]["scoring"] == "generate"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--backend", "lmms-eval", "--tasks", "mmstar"], "--scoring rank works with the native backend only"),
+    (["--benchmark", "shapes-open"], "shapes-open has none"),
+])
+def test_eval_command_rank_scoring_refuses_what_it_cannot_score(checkpoint, capsys, extra, message):
+    capsys.readouterr()
+    assert run(["eval", str(checkpoint), "--scoring", "rank", "--device", "cpu", *extra]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

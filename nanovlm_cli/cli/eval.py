@@ -2,7 +2,8 @@
 
 Thin layer over the library's evaluation: the native backend runs MMStar-format multiple choice (the Hub
 MMStar set, the built-in shapes set, or a local directory in the same format); `--backend lmms-eval` hands the
-checkpoint to lmms-eval's tasks. `--compare` prints the difference to an earlier results file.
+checkpoint to lmms-eval's tasks. `--scoring rank` picks options by likelihood instead of asking for a letter.
+`--compare` prints the difference to an earlier results file.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from nanovlm_cli.cli.console import err, library_function, out, print_json, print_result
-from nanovlm_cli.cli.options import BatchSizeOpt, CheckpointArg, DeviceOpt, EvalBackend, JsonOpt, as_str
+from nanovlm_cli.cli.options import BatchSizeOpt, CheckpointArg, DeviceOpt, EvalBackend, EvalScoring, JsonOpt, as_str
 
 SHOWN_FLIPS = 20
 
 
 def _summary_table(result: Any) -> Table:
-    table = Table(title=f"{result.benchmark}: {result.checkpoint or ''}", title_justify="left", header_style="bold")
+    table = Table(title=f"{result.benchmark} ({result.scoring}): {result.checkpoint or ''}", title_justify="left",
+                  header_style="bold")
     table.add_column("category", style="cyan")
     table.add_column("n", justify="right")
     table.add_column("accuracy", justify="right")
@@ -62,6 +64,9 @@ def evaluate(
     compare: Annotated[Path | None, typer.Option(
         "--compare", metavar="OTHER_RESULTS", help="An earlier results.json to compare against.")] = None,
     backend: Annotated[EvalBackend, typer.Option("--backend", help="native or lmms-eval.")] = "native",
+    scoring: Annotated[EvalScoring, typer.Option(
+        "--scoring", help="generate (ask for the option's letter and read it from the reply) or rank (pick the "
+                          "option text the model finds most likely; native multiple choice only).")] = "generate",
     tasks: Annotated[str | None, typer.Option(
         "--tasks", help="Comma-separated lmms-eval tasks (with --backend lmms-eval).")] = None,
     device: DeviceOpt = "auto",
@@ -81,7 +86,8 @@ def evaluate(
         result = evaluate_checkpoint(
             checkpoint, benchmark=benchmark, limit=limit, batch_size=batch_size, split=split,
             output_dir=as_str(output), backend=backend, tasks=[t for t in tasks.split(",") if t] if tasks else None,
-            device=device, on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            device=device, scoring=scoring,
+            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     if compare is not None:
         result = compare_results(result, str(compare))

@@ -27,6 +27,7 @@ LanguageModelName = Literal[tuple(LANGUAGE_MODELS)]  # type: ignore[valid-type]
 ReportTo = Literal["none", "wandb", "tensorboard"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 EvalBackend = Literal["native", "lmms-eval"]
+EvalScoring = Literal["generate", "rank"]
 
 
 class NanoCommand(TyperCommand):

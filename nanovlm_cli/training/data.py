@@ -75,11 +75,13 @@ def build_training_data(model_cfg: VLMConfig, cfg: TrainConfig, tokenizer: Any, 
     final_eval = None
     if cfg.dataset == "shapes" and cfg.eval_size > 0:
         def final_eval(model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
-            """Multiple-choice accuracy (MMStar format) with the short-answer accuracy under "open"."""
-            from nanovlm_cli.evaluation import evaluate_shapes, evaluate_shapes_open
+            """Multiple-choice accuracy (MMStar format, letter replies), the same questions rank-scored under "rank"
+            and the short-answer accuracy under "open"."""
+            from nanovlm_cli.evaluation import evaluate_shapes, evaluate_shapes_open, evaluate_shapes_ranked
 
             model.eval()
             result = evaluate_shapes(model, processor, n=cfg.eval_size, seed=cfg.seed, batch_size=32).to_dict()
+            result["rank"] = evaluate_shapes_ranked(model, processor, n=cfg.eval_size, seed=cfg.seed).to_dict()
             result["open"] = evaluate_shapes_open(model, processor, n=cfg.eval_size, seed=cfg.seed).to_dict()
             return result
     return TrainingData(loader, validation, skips, processor, final_eval)
