@@ -49,11 +49,18 @@ class ModelSize:
     lm_kv_heads: int
     tile: int = 32  # tiles mode: a 64x64 shapes image -> 2x2 tiles + a global view = 5 views
     patch: int = 4  # 32 / 4 = 8x8 patches -> pixel shuffle 2 -> 16 tokens per view
+    shuffle: int = 2
+    vocab: int = 512  # the builtin tiny tokenizer's ids; larger sizes add unused rows (real LM-head cost)
 
 
 SIZES = {
     "tiny": ModelSize("tiny", 64, 256, 2, 4, 96, 256, 4, 4, 2),
     "20m": ModelSize("20m", 256, 1024, 8, 4, 384, 1024, 8, 6, 2),
+    # The presets' backbone shapes (random weights; GPU suite): SigLIP-base + SmolLM2-135M / -360M.
+    "original_small": ModelSize("original_small", 768, 3072, 12, 12, 576, 1536, 30, 9, 3, tile=224, patch=16,
+                                vocab=49152),
+    "default": ModelSize("default", 768, 3072, 12, 12, 960, 2560, 32, 15, 5, tile=512, patch=16, shuffle=4,
+                         vocab=49152),
 }
 
 
@@ -63,12 +70,12 @@ def vlm_config(size: ModelSize, vision_dir: str, language_dir: str) -> VLMConfig
         vision=VisionConfig(kind="siglip", hub_id=vision_dir, image_size=size.tile, patch_size=size.patch,
                             hidden_dim=size.vision_hidden, intermediate_dim=size.vision_intermediate,
                             n_layers=size.vision_layers, n_heads=size.vision_heads),
-        language=LanguageConfig(hub_id=language_dir, tokenizer="builtin:tiny", vocab_size=512,
+        language=LanguageConfig(hub_id=language_dir, tokenizer="builtin:tiny", vocab_size=size.vocab,
                                 extra_vocab_size=n_extra, hidden_dim=size.lm_hidden,
                                 intermediate_dim=size.lm_intermediate, n_layers=size.lm_layers,
                                 n_heads=size.lm_heads, n_kv_heads=size.lm_kv_heads, max_position_embeddings=2048,
                                 rope_theta=10000.0),
-        projector=ProjectorConfig(pixel_shuffle_factor=2),
+        projector=ProjectorConfig(pixel_shuffle_factor=size.shuffle),
         image=ImageConfig(mode="tiles", tile_size=size.tile, max_side=2 * size.tile, max_grid=2),
         chat_template="chatml",
         max_images_per_sample=1,
@@ -96,7 +103,7 @@ def build_pair(size: ModelSize, seed: int = 0) -> ModelPair:
             num_hidden_layers=size.vision_layers, num_attention_heads=size.vision_heads, image_size=size.tile,
             patch_size=size.patch, vision_use_head=False)).save_pretrained(vdir)
         LlamaForCausalLM(LlamaConfig(
-            vocab_size=512, hidden_size=size.lm_hidden, intermediate_size=size.lm_intermediate,
+            vocab_size=size.vocab, hidden_size=size.lm_hidden, intermediate_size=size.lm_intermediate,
             num_hidden_layers=size.lm_layers, num_attention_heads=size.lm_heads,
             num_key_value_heads=size.lm_kv_heads, max_position_embeddings=2048, rope_theta=10000.0,
             tie_word_embeddings=True)).save_pretrained(ldir)

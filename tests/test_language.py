@@ -309,3 +309,56 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _packed_rows() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two rows over 40 slots: samples of 9, 17 and 10 tokens + 4 pad slots; one sample of 25 + one of 15."""
+    lengths = ([9, 17, 10, 4], [25, 15])
+    segments = torch.tensor([[i + 1 if i < 3 else 0 for i, n in enumerate(lengths[0]) for _ in range(n)],
+                             [i + 1 for i, n in enumerate(lengths[1]) for _ in range(n)]])
+    positions = torch.stack([torch.cat([torch.arange(n) if i < 3 or r else torch.zeros(n, dtype=torch.long)
+                                        for i, n in enumerate(row)]) for r, row in enumerate(lengths)])
+    return _ids(2, 40, seed=3), positions, segments
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_flex_attention_block_masks_equal_the_dense_masks(family):
+    model = _scratch(family)  # gemma: sliding window 8 < sample lengths, so the sliding block mask matters
+    ids, positions, segments = _packed_rows()
+    with torch.no_grad():
+        dense = model(model.embed(ids), positions, segment_ids=segments)
+        model.attention = "flex"
+        flex = model(model.embed(ids), positions, segment_ids=segments)
+    assert torch.isfinite(flex).all()
+    assert (flex - dense).abs().max().item() <= 1e-5
+    # a wrong window would show: the check above is sensitive to the sliding mask
+    if family == "gemma":
+        model.cfg = model.cfg.replace(sliding_window=4)
+        with torch.no_grad():
+            narrower = model(model.embed(ids), positions, segment_ids=segments)
+        assert (narrower - dense).abs().max().item() > 1e-3
+
+
+def test_flex_attention_under_bf16_autocast_matches_sdpa():
+    """RoPE leaves q and k in fp32 under autocast; the flex path must cast them like SDPA's autocast does."""
+    model = _scratch("llama")
+    ids, positions, segments = _packed_rows()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = model(model.embed(ids), positions, segment_ids=segments).float()
+        model.attention = "flex"
+        flex = model(model.embed(ids), positions, segment_ids=segments).float()
+    assert (flex - dense).abs().max().item() <= 0.05 * dense.abs().max().item()
+
+
+def test_flex_attention_is_not_used_with_a_cache():
+    model = _scratch("llama")
+    model.attention = "flex"
+    ids = _ids()
+    x, pos = model.embed(ids), _positions(ids)
+    with torch.no_grad():
+        full = model(x, pos)
+        cache = KVCache.for_model(model.cfg, 2, SEQ, device="cpu", dtype=torch.float32)
+        seg = torch.ones(2, SEQ, dtype=torch.long)  # segment ids with a cache: the dense path must serve them
+        first = model(x[:, :6], pos[:, :6], segment_ids=seg[:, :6], kv_cache=cache)
+        rest = model(x[:, 6:], pos[:, 6:], segment_ids=seg, kv_cache=cache)
+    assert (torch.cat([first, rest], dim=1) - full).abs().max().item() <= 1e-5

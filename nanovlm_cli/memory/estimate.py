@@ -180,17 +180,17 @@ MLP_PLAIN_PER_TOKEN = 2
 LOSS_LOGIT_COPIES = 3
 
 
-def _attention_calls(seq_len: int) -> tuple[float, int]:
+def _attention_calls(seq_len: int, device_type: str) -> tuple[float, int]:
     """(keys per query, queries per SDPA call) of the masked attention of a causal one-sample row.
 
     Long masked rows run attention per chunk of `ATTENTION_CHUNK` queries over the keys the mask lets them reach
     (`models/language.py`): chunk j of n = T / c sees (j + 1) c keys, (T + c) / 2 per query on average.
-    Shorter rows (or a decoder without chunking) make one call over all T keys.
+    Shorter rows (or a device without chunking) make one call over all T keys.
     """
     from nanovlm_cli.models import language
 
     chunk = getattr(language, "ATTENTION_CHUNK", None)
-    if chunk is None or seq_len < 2 * chunk:
+    if chunk is None or seq_len < 2 * chunk or device_type not in language.CHUNKED_ATTENTION_DEVICES:
         return float(seq_len), seq_len
     n = math.ceil(seq_len / chunk)
     return chunk * n * (n + 1) / 2 / seq_len, chunk
@@ -201,7 +201,7 @@ def _decoder_block_bytes_per_token(cfg: VLMConfig, b: _Bytes, seq_len: int, devi
     lang = cfg.language
     d, i = lang.hidden_dim, lang.intermediate_dim
     q, kv = lang.n_heads * lang.head_dim, lang.n_kv_heads * lang.head_dim
-    keys, queries_per_call = _attention_calls(seq_len)
+    keys, queries_per_call = _attention_calls(seq_len, device_type)
     # Masked GQA: the CPU kernel reads grouped keys directly; on CUDA keys and values are repeated to all query
     # heads for every call: a call of c queries over k keys saves 2 * Q * k values, 2 * Q * keys / c per token.
     if lang.n_heads != lang.n_kv_heads and device_type == "cuda":

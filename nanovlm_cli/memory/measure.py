@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from nanovlm_cli.config import TrainConfig, VLMConfig
-from nanovlm_cli.models.vlm import VisionLanguageModel
+from nanovlm_cli.models.vlm import VisionLanguageModel, compile_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ def prepare_model(cfg: VLMConfig, train: TrainConfig, device: torch.device) -> t
     apply_freezing(model, train)
     model.vision.gradient_checkpointing = model.language.gradient_checkpointing = train.gradient_checkpointing
     if train.compile:
-        model.language.compile()
-        model.vision.compile()
+        compile_blocks(model, device)
     return model, build_optimizer(model, train, device)
 
 

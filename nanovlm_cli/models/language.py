@@ -27,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import LongTensor, Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from nanovlm_cli.config import LanguageConfig
@@ -38,6 +39,9 @@ logger = logging.getLogger(__name__)
 # Masked attention over T >= 2 * ATTENTION_CHUNK queries runs per chunk of queries, each over only the keys its mask
 # can reach (see `query_spans`): packed rows of short samples then cost ~T * (chunk + sample length), not T * T.
 ATTENTION_CHUNK = 64
+# Devices where the chunking pays. On CUDA one fused masked SDPA call beats many small ones (benchmarks/mfu.py
+# measures both); packed rows there are best served by FlexAttention (`LanguageModel.attention = "flex"`).
+CHUNKED_ATTENTION_DEVICES = frozenset({"cpu"})
 Span = tuple[int, int, int, int]  # queries [q0, q1) attend at most to keys [k0, k1)
 
 
@@ -133,7 +137,7 @@ class Attention(nn.Module):
         self.scale = (cfg.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None,
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask | None, kv_cache: KVCache | None,
         spans: list[Span] | None = None,
     ) -> Tensor:
         b, t, _ = x.shape
@@ -146,7 +150,10 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, H_kv, T, Dh)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, H_kv, S, Dh) each
-        if spans is not None and mask is not None:
+        if isinstance(mask, BlockMask):  # not an autocast op: RoPE left q and k in fp32 under bf16 autocast
+            y = flex_attention(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask, scale=self.scale,
+                               enable_gqa=self.n_heads != self.n_kv_heads)
+        elif spans is not None and mask is not None:
             y = torch.cat([self._sdpa(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], mask[..., q0:q1, k0:k1])
                            for q0, q1, k0, k1 in spans], dim=2)  # (B, H, T, Dh)
         else:
@@ -206,8 +213,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.post_mlp_norm = RMSNorm(cfg.hidden_dim, eps, off) if cfg.post_norms else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None,
-                spans: list[Span] | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask | None,
+                kv_cache: KVCache | None, spans: list[Span] | None = None) -> Tensor:
         h = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, spans)  # (B, T, D)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
@@ -225,6 +232,11 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gradient_checkpointing = False
+        # "sdpa": dense boolean masks through SDPA (chunked over queries on the CPU). "flex": packed rows run
+        # FlexAttention with block-sparse masks, which skips whole blocks across samples; it needs torch.compile
+        # to be fast (eager flex is a reference implementation), so the trainer picks it for --compile on CUDA.
+        self.attention = "sdpa"
+        self.chunk_attention = True  # per-chunk masked SDPA on CHUNKED_ATTENTION_DEVICES (off when compiled)
         self.embed_tokens = nn.Embedding(cfg.total_vocab_size, cfg.hidden_dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
@@ -292,9 +304,14 @@ class LanguageModel(nn.Module):
         if segment_ids is not None and tuple(segment_ids.shape) != (b, pos + t):
             raise DataError(f"segment_ids has shape {tuple(segment_ids.shape)}, expected (batch, slots after this "
                             f"call) = {(b, pos + t)}")
-        full_mask, sliding_mask = self._masks(t, pos, segment_ids, inputs_embeds.device)
-        full_spans = query_spans(full_mask) if full_mask is not None else None
-        sliding_spans = query_spans(sliding_mask) if sliding_mask is not None else None
+        full_spans = sliding_spans = None
+        if self.attention == "flex" and segment_ids is not None and kv_cache is None:
+            full_mask, sliding_mask = self._block_masks(segment_ids)
+        else:
+            full_mask, sliding_mask = self._masks(t, pos, segment_ids, inputs_embeds.device)
+            if self.chunk_attention and inputs_embeds.device.type in CHUNKED_ATTENTION_DEVICES:
+                full_spans = query_spans(full_mask) if full_mask is not None else None
+                sliding_spans = query_spans(sliding_mask) if sliding_mask is not None else None
         cos, sin = self.rope(position_ids, inputs_embeds.dtype)
         cos_l, sin_l = self.rope_local(position_ids, inputs_embeds.dtype) if self.rope_local is not None else (cos, sin)
         use_checkpoint = self.gradient_checkpointing and self.training and kv_cache is None
@@ -309,6 +326,23 @@ class LanguageModel(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(t)
         return self.norm(x)  # (B, T, D)
+
+    def _block_masks(self, segment_ids: LongTensor) -> tuple[BlockMask, BlockMask | None]:
+        """The `_masks` of a packed batch without a cache, as FlexAttention block masks (full, sliding)."""
+        b, t = segment_ids.shape
+        window = self.cfg.sliding_window
+
+        def same_sample_causal(batch: Tensor, head: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            seg_q, seg_kv = segment_ids[batch, q], segment_ids[batch, kv]
+            return ((kv <= q) & (seg_q == seg_kv) & (seg_kv != 0)) | (q == kv)
+
+        def in_window(batch: Tensor, head: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return same_sample_causal(batch, head, q, kv) & (q - kv < window)
+
+        device = segment_ids.device
+        full = create_block_mask(same_sample_causal, b, None, t, t, device=device)
+        sliding = create_block_mask(in_window, b, None, t, t, device=device) if self.has_sliding else None
+        return full, sliding
 
     def _masks(
         self, t: int, pos: int, segment_ids: LongTensor | None, device: torch.device

@@ -74,6 +74,21 @@ def loss_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return targets, (targets != -100) & same_sample
 
 
+def compile_blocks(model: VisionLanguageModel, device: torch.device) -> None:
+    """`torch.compile` every transformer block (regional compilation): identical blocks share one compiled graph,
+    so compile time does not grow with depth, and the eager parts around them (mask building, image splicing,
+    the chunked loss) keep their data-dependent shapes without graph breaks inside a compiled region.
+
+    On CUDA packed rows then run FlexAttention with block-sparse masks; elsewhere (no FlexAttention backward on
+    the CPU) one dense masked SDPA call per layer, since per-chunk calls would recompile for every batch.
+    """
+    for block in (*model.vision.blocks, *model.language.blocks):
+        block.compile()
+    model.language.chunk_attention = False
+    if device.type == "cuda":
+        model.language.attention = "flex"
+
+
 class VisionLanguageModel(nn.Module):
     def __init__(self, cfg: VLMConfig):
         super().__init__()

@@ -27,7 +27,7 @@ from nanovlm_cli.checkpoint.io import build_model, load_model, save_model
 from nanovlm_cli.config import TrainConfig, VLMConfig
 from nanovlm_cli.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from nanovlm_cli.errors import TrainingError
-from nanovlm_cli.models.vlm import loss_targets
+from nanovlm_cli.models.vlm import compile_blocks, loss_targets
 from nanovlm_cli.training import state as st
 from nanovlm_cli.training.data import TrainingData, build_training_data
 from nanovlm_cli.training.metrics import (
@@ -158,8 +158,7 @@ def _train(model_cfg: VLMConfig, cfg: TrainConfig, callback: TrainCallback, info
                                                             indent=2))
         st.truncate_metrics(run_dir / "metrics.jsonl", step)
     if cfg.compile:
-        model.language.compile()
-        model.vision.compile()
+        compile_blocks(model, device)
     ddp_model = DistributedDataParallel(
         _LossModule(model), device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=True,  # text-only batches leave the vision encoder unused
