@@ -150,6 +150,7 @@ def bench_pipeline(pair: ModelPair, processor: Processor, device: torch.device, 
         return time.perf_counter() - t0, n
 
     prebuilt = list(islice(loader(), steps + 1))
+    run(prebuilt)  # every batch shape once first: CUDA's per-shape warm-up (allocator, kernel choice) is not compute
     with PeakMemory(device) as mem_c:
         t_compute, n_compute = run(prebuilt)
     with PeakMemory(device) as mem_p:
@@ -198,7 +199,7 @@ def _first_call_timer():
 
 
 def bench_generation(pair: ModelPair, processor: Processor, device: torch.device, *, batch: int, new_tokens: int,
-                     repeats: int, dtype: torch.dtype) -> dict[str, Any]:
+                     repeats: int, dtype: torch.dtype, compiled: bool = False) -> dict[str, Any]:
     from transformers import LogitsProcessorList
 
     sync = sync_fn(device)
@@ -208,13 +209,17 @@ def bench_generation(pair: ModelPair, processor: Processor, device: torch.device
     prompt = processor.encode_prompt(user_message("Describe the shapes, their colours and positions.", 1),
                                      list(record.images))
     engine = Engine(model, _NoStop(processor))
+    sides = [("reference", None), ("ours", None)]
+    if compiled:  # ours again with compiled blocks (a copy: `compile_blocks` changes the model in place)
+        compiled_engine = Engine(copy.deepcopy(model), _NoStop(processor), compile=True)
+        sides.append(("ours_compiled", compiled_engine))
     sampling = SamplingConfig(max_new_tokens=new_tokens, greedy=True)
     input_ids = prompt.input_ids[None].expand(batch, -1).to(device)
     images = [v.to(device) for v in prompt.images] * batch
     n_prompt = len(prompt)
 
-    def run_ours() -> tuple[float, float, list[list[int]]]:
-        out = engine.generate([prompt] * batch, sampling)
+    def run_ours(which: Engine = engine) -> tuple[float, float, list[list[int]]]:
+        out = which.generate([prompt] * batch, sampling)
         return out.prefill_s, out.decode_s, out.token_ids
 
     @torch.inference_mode()
@@ -231,15 +236,21 @@ def bench_generation(pair: ModelPair, processor: Processor, device: torch.device
         t_end = time.perf_counter()
         return timer.t_first - t0, t_end - timer.t_first, out.tolist()
 
-    run_ref(), run_ours()  # warmup
-    prefill: dict[str, list[float]] = {"reference": [], "ours": []}
-    decode: dict[str, list[float]] = {"reference": [], "ours": []}
-    peaks = {"reference": 0.0, "ours": 0.0}
+    def run_side(which: str, eng: Engine | None) -> tuple[float, float, list[list[int]]]:
+        return run_ref() if which == "reference" else run_ours(eng or engine)
+
+    for which, eng in sides:  # warmup (compilation included)
+        run_side(which, eng)
+    if compiled:
+        run_side("ours_compiled", compiled_engine)  # the second call compiles the dynamic-length decode graph
+    prefill: dict[str, list[float]] = {which: [] for which, _ in sides}
+    decode: dict[str, list[float]] = {which: [] for which, _ in sides}
+    peaks = {which: 0.0 for which, _ in sides}
     tokens: dict[str, list[list[int]]] = {}
     for _ in range(repeats):
-        for which, fn in (("reference", run_ref), ("ours", run_ours)):
+        for which, eng in sides:
             with PeakMemory(device) as mem:
-                p, d, tokens[which] = fn()
+                p, d, tokens[which] = run_side(which, eng)
             prefill[which].append(p)
             decode[which].append(d)
             peaks[which] = max(peaks[which], mem.peak_mb)
@@ -248,6 +259,12 @@ def bench_generation(pair: ModelPair, processor: Processor, device: torch.device
                 "decode_tokens_per_s": batch * new_tokens / stats(decode[w])["median"],
                 "peak_memory_mb": peaks[w]} for w in prefill}
     match = [a == b for a, b in zip(tokens["ours"], tokens["reference"])]
+    extra = {}
+    if compiled:
+        extra = {"ours_compiled": side["ours_compiled"],
+                 "compiled_decode_speedup": ratios(decode["reference"], decode["ours_compiled"]),
+                 "compiled_prefill_speedup": ratios(prefill["reference"], prefill["ours_compiled"]),
+                 "compiled_same_tokens_rows": sum(a == b for a, b in zip(tokens["ours_compiled"], tokens["ours"]))}
     return {
         "name": f"generate/{pair.size.name}/b{batch}", "kind": "generate", "model": pair.size.name,
         "workload": {"batch": batch, "prompt_tokens": n_prompt, "views": len(prompt.images), "new_tokens": new_tokens,
@@ -255,7 +272,7 @@ def bench_generation(pair: ModelPair, processor: Processor, device: torch.device
         "ours": side["ours"], "reference": side["reference"],
         "prefill_speedup": ratios(prefill["reference"], prefill["ours"]),
         "decode_speedup": ratios(decode["reference"], decode["ours"]),
-        "same_tokens_rows": sum(match), "rows": batch,
+        "same_tokens_rows": sum(match), "rows": batch, **extra,
         "memory_kind": "cuda_peak_allocated" if device.type == "cuda" else "peak_rss",
     }
 
@@ -271,6 +288,11 @@ def check_targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
             value = case["decode_speedup"]["median"]
             out.append({"case": case["name"], "metric": "decode_speedup", "target": f">= {TARGETS['decode_speedup']}",
                         "value": value, "met": value >= TARGETS["decode_speedup"]})
+            if "compiled_decode_speedup" in case:
+                value = case["compiled_decode_speedup"]["median"]
+                out.append({"case": case["name"], "metric": "compiled_decode_speedup",
+                            "target": f">= {TARGETS['decode_speedup']}", "value": value,
+                            "met": value >= TARGETS["decode_speedup"]})
         elif case["kind"] == "train" and case["model"] == "tiny":
             value = case["speedup"]["median"]
             out.append({"case": case["name"], "metric": "train_speedup", "target": f">= {TARGETS['train_speedup_tiny']}",
@@ -282,7 +304,9 @@ def check_targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def run_suite(suite: str, *, quick: bool, repeats: int, sizes: list[str], num_workers: int = 1) -> dict[str, Any]:
+def run_suite(suite: str, *, quick: bool, repeats: int, sizes: list[str], num_workers: int = 1,
+              compile_decode: bool = False, kinds: tuple[str, ...] = ("train", "pipeline", "generate")
+              ) -> dict[str, Any]:
     if suite == "gpu" and not torch.cuda.is_available():
         raise SystemExit("--suite gpu needs a CUDA device; none is visible")
     device = torch.device("cuda" if suite == "gpu" else "cpu")
@@ -293,13 +317,17 @@ def run_suite(suite: str, *, quick: bool, repeats: int, sizes: list[str], num_wo
         t0 = time.perf_counter()
         pair = build_pair(SIZES[name])
         processor = Processor(pair.ours.cfg, pair.ours.tokenizer)
-        cases.append(bench_training(pair, processor, device, rows=rows, seq_len=seq_len, repeats=repeats))
-        records_per_batch = max(1, round(cases[-1]["workload"]["samples_per_batch"]))
-        cases.append(bench_pipeline(pair, processor, device, records_per_batch=records_per_batch, seq_len=seq_len,
-                                    steps=pipe_steps, num_workers=num_workers))
-        for b in gen_batches:
+        if "train" in kinds or "pipeline" in kinds:
+            train = bench_training(pair, processor, device, rows=rows, seq_len=seq_len, repeats=repeats)
+            if "train" in kinds:
+                cases.append(train)
+        if "pipeline" in kinds:
+            records_per_batch = max(1, round(train["workload"]["samples_per_batch"]))
+            cases.append(bench_pipeline(pair, processor, device, records_per_batch=records_per_batch,
+                                        seq_len=seq_len, steps=pipe_steps, num_workers=num_workers))
+        for b in gen_batches if "generate" in kinds else ():
             cases.append(bench_generation(pair, processor, device, batch=b, new_tokens=new_tokens, repeats=repeats,
-                                          dtype=gen_dtype))
+                                          dtype=gen_dtype, compiled=compile_decode))
         logging.getLogger("benchmarks").info("%s done in %.1fs", name, time.perf_counter() - t0)
     return {"schema_version": SCHEMA_VERSION, "suite": suite, "quick": quick, "repeats": repeats,
             "environment": environment(device), "cases": cases, "targets": check_targets(cases)}
@@ -331,6 +359,12 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                          _fmt_range(c["decode_speedup"])))
             rows.append(("", "peak MB", f"{o['peak_memory_mb']:.0f}", f"{r['peak_memory_mb']:.0f}",
                          f"same tokens {c['same_tokens_rows']}/{c['rows']}"))
+            if "ours_compiled" in c:
+                oc = c["ours_compiled"]
+                rows.append(("", "compiled: prefill tok/s", f"{oc['prefill_tokens_per_s']:.0f}",
+                             f"{r['prefill_tokens_per_s']:.0f}", _fmt_range(c["compiled_prefill_speedup"])))
+                rows.append(("", "compiled: decode tok/s", f"{oc['decode_tokens_per_s']:.0f}",
+                             f"{r['decode_tokens_per_s']:.0f}", _fmt_range(c["compiled_decode_speedup"])))
     return rows
 
 
@@ -362,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat: a smoke run of every case")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per case (default 5; quick 1)")
     parser.add_argument("--sizes", default=None, help="comma-separated model sizes (default tiny,20m; quick tiny)")
+    parser.add_argument("--cases", default="train,pipeline,generate", help="which kinds of case to run")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="also time our generation with compiled blocks (Engine(compile=True))")
     parser.add_argument("--num-workers", type=int, default=1, help="TrainLoader encode threads in the pipeline case")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default 1 on CPU: on a shared machine several intra-op threads "
@@ -381,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown size(s) {', '.join(unknown)}; choose from {', '.join(SIZES)}")
     repeats = args.repeats or (1 if args.quick else 5)
-    result = run_suite(args.suite, quick=args.quick, repeats=repeats, sizes=sizes, num_workers=args.num_workers)
+    result = run_suite(args.suite, quick=args.quick, repeats=repeats, sizes=sizes, num_workers=args.num_workers,
+                       compile_decode=args.compile_decode, kinds=tuple(args.cases.split(",")))
     print_table(result)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -217,9 +217,15 @@ def _sync(device: torch.device) -> None:
 class Engine:
     """Batched generation with a preallocated KV cache for a `VisionLanguageModel` and its `Processor`."""
 
-    def __init__(self, model: VisionLanguageModel, processor: Any) -> None:
+    def __init__(self, model: VisionLanguageModel, processor: Any, *, compile: bool = False) -> None:
+        """`compile=True` compiles the model's blocks in place (`compile_blocks`): the first calls are slower
+        (compilation, one more for the growing cache), later ones launch far fewer kernels per token."""
         self.model = model
         self.processor = processor
+        if compile:
+            from nanovlm_cli.models.vlm import compile_blocks
+
+            compile_blocks(model, model.device)
 
     def _pad_id(self) -> int:
         """Any id that is not the image token works (padding is never attended); prefer the tokenizer's pad."""

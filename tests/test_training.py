@@ -198,3 +198,18 @@ def test_eval_interval_records_accuracy_in_metrics(tmp_path):
                                                          save_checkpoint_steps=2))
     lines = [json.loads(x) for x in (Path(summary.run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert "eval" not in lines[0] and 0.0 <= lines[1]["eval"]["accuracy"] <= 1.0 and lines[1]["eval"]["n"] == 10
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_losses(tmp_path):
+    """--compile (every block compiled, one dense masked SDPA call per layer on the CPU) trains like eager."""
+    import torch._dynamo
+
+    model_cfg = get_preset("tiny").model
+    eager = _losses(Path(train(model_cfg, _train_cfg(tmp_path, "eager", max_steps=4)).run_dir))
+    torch._dynamo.reset()
+    compiled = _losses(Path(train(model_cfg, _train_cfg(tmp_path, "compiled", max_steps=4, compile=True)).run_dir))
+    torch._dynamo.reset()
+    assert sorted(compiled) == sorted(eager) == [1, 2, 3, 4]
+    for step in eager:
+        assert abs(compiled[step] - eager[step]) <= 1e-4 * max(1.0, abs(eager[step])), (step, compiled, eager)

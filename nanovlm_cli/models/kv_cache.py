@@ -58,12 +58,13 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write `k`, `v` (B, H_kv, T, Dh) at slots [pos:pos+T] of `layer`; return the filled views [:pos+T]."""
-        t = k.shape[2]
-        self.check_room(t)
-        end = self.pos + t
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, H_kv, pos+T, Dh) each
+        return self.layer(layer).update(k, v)
+
+    def layer(self, layer: int) -> LayerCache:
+        """One layer's slice of the cache. Decoder blocks get this rather than the cache and an index, so a compiled
+        block sees tensors of the same shape for every layer and compiles once (not once per layer index)."""
+        self.check_room(0)
+        return LayerCache(self.k[layer], self.v[layer], self.pos)
 
     def advance(self, n: int) -> None:
         self.check_room(n)
@@ -79,3 +80,17 @@ class KVCache:
         out.max_len = self.max_len
         out.pos = self.pos
         return out
+
+
+class LayerCache:
+    """Keys and values of one layer, (B, H_kv, max_len, Dh) views into the `KVCache`, and the filled length."""
+
+    def __init__(self, k: Tensor, v: Tensor, pos: int) -> None:
+        self.k, self.v, self.pos = k, v, pos
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write `k`, `v` (B, H_kv, T, Dh) at slots [pos:pos+T]; return the filled views [:pos+T]."""
+        end = self.pos + k.shape[2]
+        self.k[:, :, self.pos:end] = k
+        self.v[:, :, self.pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]  # (B, H_kv, pos+T, Dh) each

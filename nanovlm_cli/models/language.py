@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nanovlm_cli.config import LanguageConfig
 from nanovlm_cli.errors import DataError, GenerationError
-from nanovlm_cli.models.kv_cache import KVCache
+from nanovlm_cli.models.kv_cache import KVCache, LayerCache
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +123,8 @@ def query_spans(mask: Tensor, chunk: int | None = None) -> list[Span] | None:
 class Attention(nn.Module):
     """Grouped-query attention with RoPE, optional per-head q/k RMSNorm, through SDPA."""
 
-    def __init__(self, cfg: LanguageConfig, layer: int) -> None:
+    def __init__(self, cfg: LanguageConfig) -> None:
         super().__init__()
-        self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         d, bias = cfg.hidden_dim, cfg.attention_bias
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=bias)
@@ -137,7 +136,7 @@ class Attention(nn.Module):
         self.scale = (cfg.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask | None, kv_cache: KVCache | None,
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask | None, kv_cache: LayerCache | None,
         spans: list[Span] | None = None,
     ) -> Tensor:
         b, t, _ = x.shape
@@ -149,7 +148,7 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, Dh)
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, H_kv, T, Dh)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, k, v)  # (B, H_kv, S, Dh) each
+            k, v = kv_cache.update(k, v)  # (B, H_kv, S, Dh) each
         if isinstance(mask, BlockMask):  # not an autocast op: RoPE left q and k in fp32 under bf16 autocast
             y = flex_attention(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask, scale=self.scale,
                                enable_gqa=self.n_heads != self.n_kv_heads)
@@ -167,9 +166,9 @@ class Attention(nn.Module):
             # Decode step: the query heads of one kv head become `groups` queries of it, so no key copy is needed
             # and a (B, 1, 1, S) mask still broadcasts (the mask is shared by all heads). Faster than enable_gqa
             # on CPU (about 1.5x per call at decode shapes).
-            y = F.scaled_dot_product_attention(q.view(b, self.n_kv_heads, groups, dh), k, v, attn_mask=mask,
+            y = F.scaled_dot_product_attention(q.reshape(b, self.n_kv_heads, groups, dh), k, v, attn_mask=mask,
                                                scale=self.scale)  # (B, H_kv, groups, Dh)
-            return y.view(b, h, 1, dh)
+            return y.reshape(b, h, 1, dh)
         if mask is None:
             # No mask means either plain causal self-attention (T == S) or one query over the whole cache.
             return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=self.scale, enable_gqa=groups > 1)
@@ -207,14 +206,14 @@ class Block(nn.Module):
         eps, off = cfg.rms_norm_eps, cfg.norm_unit_offset
         self.sliding = cfg.is_sliding(layer)
         self.attn_norm = RMSNorm(cfg.hidden_dim, eps, off)
-        self.attn = Attention(cfg, layer)
+        self.attn = Attention(cfg)
         self.post_attn_norm = RMSNorm(cfg.hidden_dim, eps, off) if cfg.post_norms else None
         self.mlp_norm = RMSNorm(cfg.hidden_dim, eps, off)
         self.mlp = MLP(cfg)
         self.post_mlp_norm = RMSNorm(cfg.hidden_dim, eps, off) if cfg.post_norms else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask | None,
-                kv_cache: KVCache | None, spans: list[Span] | None = None) -> Tensor:
+                kv_cache: LayerCache | None, spans: list[Span] | None = None) -> Tensor:
         h = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, spans)  # (B, T, D)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
@@ -316,13 +315,13 @@ class LanguageModel(nn.Module):
         cos_l, sin_l = self.rope_local(position_ids, inputs_embeds.dtype) if self.rope_local is not None else (cos, sin)
         use_checkpoint = self.gradient_checkpointing and self.training and kv_cache is None
         x = inputs_embeds
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             args = (cos_l, sin_l, sliding_mask) if block.sliding else (cos, sin, full_mask)
             spans = sliding_spans if block.sliding else full_spans
             if use_checkpoint:
                 x = checkpoint(block, x, *args, None, spans, use_reentrant=False)
             else:
-                x = block(x, *args, kv_cache, spans)
+                x = block(x, *args, kv_cache.layer(i) if kv_cache is not None else None, spans)
         if kv_cache is not None:
             kv_cache.advance(t)
         return self.norm(x)  # (B, T, D)
