@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nanovlm_cli.config import TrainConfig, VLMConfig
 from nanovlm_cli.data.sample import Batch
-from nanovlm_cli.memory.estimate import SampleShape, sample_shape, synthetic_batch
+from nanovlm_cli.memory.estimate import SampleShape, _image_token_id, sample_shape, synthetic_batch
 from nanovlm_cli.memory.measure import prepare_model
 from nanovlm_cli.models.vlm import chunked_cross_entropy, loss_targets
 from nanovlm_cli.presets import get_preset
@@ -171,9 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shape: SampleShape = sample_shape(cfg, seq_len // args.samples_per_row)
     torch.manual_seed(0)
     train_cfg = TrainConfig(compile=False)
-    model, optimizer = prepare_model(cfg, train_cfg, device)
-    from nanovlm_cli.memory.measure import _image_token_id
-
+    model, _ = prepare_model(cfg, train_cfg, device)
     cfg = cfg.replace(image_token_id=_image_token_id(cfg))
     batch = batch.to(device)
     flops = count_flops(model, batch, loss_packed)

@@ -112,3 +112,25 @@ def test_chunked_attention_on_packed_rows_matches_one_full_call(monkeypatch):
     full, full_grad = run()
     torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunked_grad, full_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_mfu_counts_only_the_attention_a_packed_row_needs():
+    """benchmarks/mfu.py: rows of equal samples restart positions, and attention FLOPs follow the segments."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.mfu import packed_batch, unpacked, useful_attention_flops
+    from nanovlm_cli.presets import get_preset
+
+    cfg = get_preset("tiny").model
+    batch = packed_batch(cfg, batch_size=2, seq_len=256, samples_per_row=2)
+    assert batch.input_ids.shape == (2, 256) and batch.n_samples == 4
+    assert batch.segment_ids[0].tolist() == [1] * 128 + [2] * 128
+    assert batch.position_ids[0, 126:130].tolist() == [126, 127, 0, 1]
+    lang, vis = cfg.language, cfg.vision
+    n_views = len(batch.images)
+    patches = (cfg.image.tile_size // vis.patch_size) ** 2
+    vision = 3 * 4 * vis.hidden_dim * patches**2 * vis.n_layers * n_views
+    per_row = 2 * (128 * 129 // 2)  # two causal samples of 128
+    packed = useful_attention_flops(cfg, batch, n_views)
+    assert packed == vision + 3 * 4 * lang.n_heads * lang.head_dim * 2 * per_row * lang.n_layers
+    whole = useful_attention_flops(cfg, unpacked(batch), n_views)  # one causal sample of 256 per row
+    assert whole - vision == (packed - vision) * (256 * 257 // 2) / per_row
