@@ -84,13 +84,16 @@ def test_query_spans_cover_exactly_the_reachable_keys():
     assert query_spans(torch.ones(1, 1, 8, 8, dtype=torch.bool), chunk=2) is None  # nothing to skip: one call
 
 
-def test_chunked_attention_on_packed_rows_matches_one_full_call(monkeypatch):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_chunked_attention_on_packed_rows_matches_one_full_call(monkeypatch, checkpointing):
+    """Values and gradients (inputs and weights) of the per-chunk path equal one dense masked call."""
     from nanovlm_cli.models import language
 
     torch.manual_seed(0)
     cfg = LanguageConfig(vocab_size=64, hidden_dim=32, intermediate_dim=48, n_layers=2, n_heads=4, n_kv_heads=2,
                          max_position_embeddings=512)
-    model = LanguageModel(cfg)
+    model = LanguageModel(cfg).train()
+    model.gradient_checkpointing = checkpointing
     lengths = [[90, 150, 40, 120], [200, 60, 110, 30]]  # two rows of 400 packed tokens, 10 in padding
     seg = torch.zeros(2, 410, dtype=torch.long)
     pos = torch.zeros(2, 410, dtype=torch.long)
@@ -99,19 +102,23 @@ def test_chunked_attention_on_packed_rows_matches_one_full_call(monkeypatch):
         pos[row, :400] = torch.cat([torch.arange(n) for n in lens])
     embeds = torch.randn(2, 410, 32)
 
-    def run() -> tuple[torch.Tensor, torch.Tensor]:
+    def run() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
         x = embeds.clone().requires_grad_(True)
         out = model(x, pos, segment_ids=seg)
         out.square().sum().backward()
-        return out.detach(), x.grad
+        return out.detach(), x.grad, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     full_mask, _ = model._masks(410, 0, seg, embeds.device)
     assert query_spans(full_mask) is not None  # the chunked path is the one under test
-    chunked, chunked_grad = run()
+    chunked, chunked_grad, chunked_weights = run()
     monkeypatch.setattr(language, "ATTENTION_CHUNK", 10_000)  # one SDPA call over every key
-    full, full_grad = run()
+    full, full_grad, full_weights = run()
     torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunked_grad, full_grad, atol=1e-5, rtol=1e-5)
+    assert len(chunked_weights) == len(full_weights) == len(list(model.parameters())) - 1  # all but the unused head
+    for a, b in zip(chunked_weights, full_weights):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_mfu_counts_only_the_attention_a_packed_row_needs():
