@@ -54,7 +54,7 @@ def packed_batch(cfg: VLMConfig, batch_size: int, seq_len: int, samples_per_row:
     per_sample = seq_len // samples_per_row
     shape = sample_shape(cfg, per_sample)
     single = synthetic_batch(cfg, shape, batch_size * samples_per_row, seed=seed)
-    rows = lambda t: t[:, :per_sample].reshape(batch_size, samples_per_row * per_sample)  # noqa: E731
+    rows = lambda t: t[:, :per_sample].reshape(batch_size, samples_per_row * per_sample)
     segments = torch.arange(1, samples_per_row + 1).repeat_interleave(per_sample).expand(batch_size, -1).clone()
     return Batch(rows(single.input_ids), rows(single.labels), rows(single.position_ids), segments, single.images,
                  batch_size * samples_per_row)
@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             batch, loss_packed, useful)
         try:
             timing = step_time(model, optimizer, rows, loss_fn, warmup=args.warmup, steps=args.steps)
-        except Exception as exc:  # one failed variant must not lose the others' figures
+        except Exception as exc:  # noqa: BLE001 (one failed variant must not lose the others' figures)
             logger.error("%s failed: %s", name, exc)
             result["variants"][name] = {"error": f"{type(exc).__name__}: {exc}",
                                         "traceback": traceback.format_exc()[-4000:]}

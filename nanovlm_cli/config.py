@@ -13,11 +13,9 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self
 
 from nanovlm_cli.errors import ConfigError
-
-T = TypeVar("T", bound="_Config")
 
 VisionKind = Literal["siglip", "dinov2", "dinov3"]
 ResizeMode = Literal["fixed", "tiles", "aspect"]
@@ -49,7 +47,7 @@ class _Config:
         return out
 
     @classmethod
-    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    def from_dict(cls, data: dict[str, Any]) -> Self:
         known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - set(known))
         if unknown:
@@ -66,7 +64,7 @@ class _Config:
             kwargs[name] = value
         return cls(**kwargs)
 
-    def replace(self: T, **changes: Any) -> T:
+    def replace(self, **changes: Any) -> Self:
         """A validated copy with `changes` applied (configs are never mutated in place)."""
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from nanovlm_cli.models.vlm import VisionLanguageModel
 
@@ -27,7 +26,7 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path):
     subprocess.run([sys.executable, "-m", "nanovlm_cli", *_args(tmp_path, "single", 4)], check=True, env=env,
                    cwd=REPO, capture_output=True)
     ddp = subprocess.run([*torchrun.split(), "--nproc_per_node", "2", "--master_port", "29533", "-m", "nanovlm_cli",
-                          *_args(tmp_path, "ddp", 2)], env=env, cwd=REPO, capture_output=True, text=True)
+                          *_args(tmp_path, "ddp", 2)], env=env, cwd=REPO, capture_output=True, text=True, check=False)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     double = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]

@@ -59,7 +59,7 @@ def test_option_records_read_choices_paths_and_flags():
 def _complete(words: list[str]) -> list[str]:
     script = (f"source {ROOT / 'completions/nanovlm.bash'}; COMP_WORDS=({' '.join(words)}); "
               f"COMP_CWORD={len(words) - 1}; _nanovlm; printf '%s\\n' \"${{COMPREPLY[@]}}\"")
-    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
     return result.stdout.split()
 
@@ -77,7 +77,7 @@ def test_bash_completion_completes_commands_options_and_choices():
 def test_completion_script_parses(shell, path):
     if shutil.which(shell) is None:
         pytest.skip(f"{shell} is not installed (.ci/run installs it)")
-    result = subprocess.run([shell, "-n", str(ROOT / path)], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([shell, "-n", str(ROOT / path)], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
@@ -92,10 +92,10 @@ def test_man_page_renders_without_warnings():
         pytest.skip("man/groff not installed (.ci/run installs man-db and groff-base)")
     page = ROOT / "man/nanovlm.1"
     lint = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(page)], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, check=False)
     assert lint.returncode == 0 and lint.stderr == "", lint.stderr
     env = {**os.environ, "MANWIDTH": "100", "MANPAGER": "cat", "PAGER": "cat"}
-    rendered = subprocess.run(["man", "-l", str(page)], capture_output=True, text=True, timeout=60, env=env)
+    rendered = subprocess.run(["man", "-l", str(page)], capture_output=True, text=True, timeout=60, env=env, check=False)
     assert rendered.returncode == 0, rendered.stderr
     text = re.sub(".\b", "", rendered.stdout)  # drop overstrike bold/underline
     for heading in ("NAME", "SYNOPSIS", "DESCRIPTION", "COMMANDS", "EXIT STATUS", "ENVIRONMENT", "EXAMPLES"):

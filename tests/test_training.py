@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -172,7 +173,7 @@ def test_wandb_reporter_logs_every_step_and_validation(tmp_path, monkeypatch):
     calls: dict[str, list] = {"init": [], "log": [], "finish": []}
 
     class FakeRun:
-        summary: dict = {}
+        summary: typing.ClassVar[dict] = {}
 
         def log(self, values, step):
             calls["log"].append((step, values))

@@ -74,7 +74,7 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     for file in weight_files(directory):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open handles are not dicts)
                     tensors[key] = f.get_tensor(key)
         except Exception as exc:  # safetensors raises SafetensorError / OSError on truncation
             raise CheckpointError(f"{file} cannot be read ({exc}); the file is truncated or corrupt, re-download it") from exc

@@ -90,7 +90,7 @@ def config_from_upstream(config: Mapping[str, Any]) -> VLMConfig:
     extra_tokens = dict(config.get("vlm_extra_tokens") or {})
     extra = list(extra_tokens.values())
     n_tiles = sum(1 for t in extra if t.startswith("<row_"))
-    max_grid = int(round(n_tiles**0.5)) if n_tiles else 1
+    max_grid = round(n_tiles**0.5) if n_tiles else 1
     base_vocab = int(config.get("lm_base_vocab_size", config.get("lm_vocab_size", 49152)))
     # rows the checkpoint holds; our extra tokens always include the image and global-image tokens
     vocab_total = max(int(config.get("lm_vocab_size", base_vocab + len(extra))), base_vocab + 2 + n_tiles)

@@ -117,7 +117,7 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
-    except Exception:  # a bug: always show where it happened
+    except Exception:  # noqa: BLE001 (a bug: always show where it happened)
         traceback.print_exc(file=sys.stderr)
         print_error("unexpected internal error (a bug); please report it with the traceback above")
         return 1

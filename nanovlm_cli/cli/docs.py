@@ -22,8 +22,8 @@ EXAMPLES = [
     ("Show what a run would use, as JSON, without loading anything:",
      "nanovlm train --preset dinov3_gemma --batch-size 4 --dry-run --json"),
     ("Answer a question about an image:", 'nanovlm generate photo.jpg "What is in this image?"'),
-    ("Score a checkpoint on MMStar and keep a per-sample ledger:", "nanovlm eval runs/my-run/final --benchmark mmstar "
-                                                                   "--output results/"),
+    ("Score a checkpoint on MMStar and keep a per-sample ledger:",
+     "nanovlm eval runs/my-run/final --benchmark mmstar --output results/"),
     ("Peak training memory for four batch sizes:", "nanovlm vram --preset default --batch-sizes 1 2 4 8"),
     ("Check a checkpoint, then publish it:",
      "nanovlm validate runs/my-run/final && nanovlm push runs/my-run/final user/my-vlm"),
@@ -37,8 +37,8 @@ ENVIRONMENT = [
 ]
 EXIT_STATUS = [
     ("0", "Success."),
-    ("1", "A user error (bad value, missing file, unsound checkpoint), printed as one line starting with "
-          "'error:'; or an internal error, printed with its traceback."),
+    ("1", ("A user error (bad value, missing file, unsound checkpoint), printed as one line starting with "
+           "'error:'; or an internal error, printed with its traceback.")),
     ("2", "Bad command-line usage, or a command that is not implemented yet."),
     ("130", "Interrupted (Ctrl-C)."),
 ]
@@ -142,8 +142,8 @@ def bash_completion(group: Any) -> str:
         "        esac",
         "    done",
         '    if [[ -z "$cmd" ]]; then',
-        f'        COMPREPLY=($(compgen -W "{" ".join([*_all_option_names(global_opts), "--help", "-h"])} {names}" '
-        '-- "$cur"))',
+        (f'        COMPREPLY=($(compgen -W "{" ".join([*_all_option_names(global_opts), "--help", "-h"])} {names}" '
+         '-- "$cur"))'),
         "        return 0",
         "    fi",
         '    case "$cmd" in',

@@ -22,7 +22,7 @@ DEFAULT_CHECKPOINT = "lusxvr/nanoVLM-450M"
 # Choice types, built from the presets module so the CLI never lists a backbone the library does not know.
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 VisionEncoderName = Literal["siglip", "dinov2", "dinov3"]
-Dinov3ModelName = Literal[tuple([*DINOV3_MODELS, *DINOV3_ALIASES])]  # type: ignore[valid-type]
+Dinov3ModelName = Literal[(*DINOV3_MODELS, *DINOV3_ALIASES)]  # type: ignore[valid-type]
 LanguageModelName = Literal[tuple(LANGUAGE_MODELS)]  # type: ignore[valid-type]
 ReportTo = Literal["none", "wandb", "tensorboard"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]

@@ -9,12 +9,12 @@ are fine: the model groups equal shapes when it encodes them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 # An image before decoding: a path, raw bytes, a PIL image, or a dict {"bytes": ..., "path": ...} as `datasets` stores it.
-ImageSource = Union[str, bytes, Any]
+ImageSource = str | bytes | Any
 
 
 @dataclass
@@ -64,8 +64,8 @@ class Batch:
     images: list[torch.Tensor] = field(default_factory=list)  # views of all rows, row-major order
     n_samples: int = 0
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        move = lambda t: t.to(device, non_blocking=non_blocking)
         return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.segment_ids),
                      [move(v) for v in self.images], self.n_samples)
 

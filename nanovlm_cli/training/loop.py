@@ -18,7 +18,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -51,7 +51,7 @@ class _StopFlag:
         self.requested = False
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> Self:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -36,7 +36,7 @@ def build_optimizer(model: VisionLanguageModel, cfg: TrainConfig, device: torch.
 
 def lr_multiplier(step: int, max_steps: int, warmup_ratio: float, min_ratio: float) -> float:
     """Linear warmup over `warmup_ratio * max_steps` steps, then cosine from 1 down to `min_ratio`."""
-    warmup = max(1, int(round(warmup_ratio * max_steps))) if warmup_ratio > 0 else 0
+    warmup = max(1, round(warmup_ratio * max_steps)) if warmup_ratio > 0 else 0
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, max_steps - warmup)
