@@ -38,10 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nanovlm_cli.config import TrainConfig, VLMConfig
 from nanovlm_cli.data.sample import Batch
-from nanovlm_cli.memory.estimate import SampleShape, _image_token_id, sample_shape, synthetic_batch
+from nanovlm_cli.memory.estimate import SampleShape, sample_shape, stand_in_image_token_id, synthetic_batch
 from nanovlm_cli.memory.measure import prepare_model
 from nanovlm_cli.models.vlm import chunked_cross_entropy, loss_targets
 from nanovlm_cli.presets import get_preset
+from nanovlm_cli.training.optim import build_optimizer
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.05, "RTX 4090": 165.2}
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "flex_attention")
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     train_cfg = TrainConfig(compile=False)
     model, _ = prepare_model(cfg, train_cfg, device)
-    cfg = cfg.replace(image_token_id=_image_token_id(cfg))
+    cfg = cfg.replace(image_token_id=stand_in_image_token_id(cfg))
     batch = batch.to(device)
     flops = count_flops(model, batch, loss_packed)
     useful = flops["total"] - flops["attention_counted"] + useful_attention_flops(cfg, batch, n_views)
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for name in args.variants.split(","):
         model.load_state_dict(state)
-        optimizer = _optimizer(model, train_cfg, device)
+        optimizer = build_optimizer(model, train_cfg, device)
         compiled = name.startswith("compiled")
         attention = "flex" if name.endswith("flex") else "sdpa"
         if compiled:
@@ -232,12 +233,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def _optimizer(model: Any, train_cfg: TrainConfig, device: torch.device) -> Any:
-    from nanovlm_cli.training.optim import build_optimizer
-
-    return build_optimizer(model, train_cfg, device)
 
 
 def print_table(result: dict[str, Any]) -> None:

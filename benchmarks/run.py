@@ -22,6 +22,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -208,19 +209,16 @@ def bench_generation(pair: ModelPair, processor: Processor, device: torch.device
     record = shapes_records(1, seed=3)[0]
     prompt = processor.encode_prompt(user_message("Describe the shapes, their colours and positions.", 1),
                                      list(record.images))
-    engine = Engine(model, _NoStop(processor))
-    sides = [("reference", None), ("ours", None)]
-    if compiled:  # ours again with compiled blocks (a copy: `compile_blocks` changes the model in place)
-        compiled_engine = Engine(copy.deepcopy(model), _NoStop(processor), compile=True)
-        sides.append(("ours_compiled", compiled_engine))
     sampling = SamplingConfig(max_new_tokens=new_tokens, greedy=True)
     input_ids = prompt.input_ids[None].expand(batch, -1).to(device)
     images = [v.to(device) for v in prompt.images] * batch
     n_prompt = len(prompt)
 
-    def run_ours(which: Engine = engine) -> tuple[float, float, list[list[int]]]:
-        out = which.generate([prompt] * batch, sampling)
-        return out.prefill_s, out.decode_s, out.token_ids
+    def ours(engine: Engine) -> Callable[[], tuple[float, float, list[list[int]]]]:
+        def run() -> tuple[float, float, list[list[int]]]:
+            out = engine.generate([prompt] * batch, sampling)
+            return out.prefill_s, out.decode_s, out.token_ids
+        return run
 
     @torch.inference_mode()
     def run_ref() -> tuple[float, float, list[list[int]]]:
@@ -236,21 +234,21 @@ def bench_generation(pair: ModelPair, processor: Processor, device: torch.device
         t_end = time.perf_counter()
         return timer.t_first - t0, t_end - timer.t_first, out.tolist()
 
-    def run_side(which: str, eng: Engine | None) -> tuple[float, float, list[list[int]]]:
-        return run_ref() if which == "reference" else run_ours(eng or engine)
-
-    for which, eng in sides:  # warmup (compilation included)
-        run_side(which, eng)
+    sides = {"reference": run_ref, "ours": ours(Engine(model, _NoStop(processor)))}
+    if compiled:  # ours again with compiled blocks (a copy: `compile_blocks` changes the model in place)
+        sides["ours_compiled"] = ours(Engine(copy.deepcopy(model), _NoStop(processor), compile=True))
+    for run in sides.values():  # warmup (compilation included)
+        run()
     if compiled:
-        run_side("ours_compiled", compiled_engine)  # the second call compiles the dynamic-length decode graph
-    prefill: dict[str, list[float]] = {which: [] for which, _ in sides}
-    decode: dict[str, list[float]] = {which: [] for which, _ in sides}
-    peaks = {which: 0.0 for which, _ in sides}
+        sides["ours_compiled"]()  # the second call compiles the dynamic-length decode graph
+    prefill: dict[str, list[float]] = {which: [] for which in sides}
+    decode: dict[str, list[float]] = {which: [] for which in sides}
+    peaks = {which: 0.0 for which in sides}
     tokens: dict[str, list[list[int]]] = {}
     for _ in range(repeats):
-        for which, eng in sides:
+        for which, run in sides.items():
             with PeakMemory(device) as mem:
-                p, d, tokens[which] = run_side(which, eng)
+                p, d, tokens[which] = run()
             prefill[which].append(p)
             decode[which].append(d)
             peaks[which] = max(peaks[which], mem.peak_mb)

@@ -7,26 +7,12 @@ indices every rank saw, every rank's batch count and the all-reduced skip counts
 import json
 import sys
 
-import torch
 import torch.distributed as dist
+from test_loader import encode  # this folder is on sys.path: torchrun runs this file as a script
 
 from nanovlm_cli.data.loader import TrainLoader
-from nanovlm_cli.data.sample import Record, Sample
+from nanovlm_cli.data.sample import Record
 from nanovlm_cli.data.sources import SkipCounter
-from nanovlm_cli.errors import DataError
-
-
-class Invalid(DataError):
-    reason = "no_supervised_tokens"
-
-
-def encode(record: Record) -> Sample:
-    i = record.source_index
-    if i % 7 == 3:
-        raise Invalid(f"record {i} has nothing to supervise")
-    length = 3 + (i * 5) % 11
-    ids = torch.full((length,), i + 1)  # every token names its record (0 is padding)
-    return Sample(ids, ids.clone(), [], i)
 
 
 def seen_indices(batch) -> list[int]:

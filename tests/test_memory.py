@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from benchmarks.memory import scaled
 from nanovlm_cli.config import TrainConfig, VLMConfig
 from nanovlm_cli.errors import ConfigError
 from nanovlm_cli.memory import (
@@ -28,20 +29,9 @@ def tiny() -> VLMConfig:
     return get_preset("tiny").model
 
 
-def scaled_original_small(*, vision_layers: int, vision_dim: int, lm_layers: int, lm_dim: int, lm_heads: int,
-                          lm_kv_heads: int, intermediate: int, vocab: int) -> VLMConfig:
-    """The original_small preset (SigLIP-224 + SmolLM2 shapes) shrunk to a given size, random init."""
-    base = get_preset("original_small").model
-    vision = base.vision.replace(n_layers=vision_layers, hidden_dim=vision_dim, intermediate_dim=4 * vision_dim,
-                                 n_heads=vision_dim // 64)
-    language = base.language.replace(n_layers=lm_layers, hidden_dim=lm_dim, intermediate_dim=intermediate,
-                                     n_heads=lm_heads, n_kv_heads=lm_kv_heads, vocab_size=vocab)
-    return base.replace(vision=vision, language=language)
-
-
 def model_20m() -> VLMConfig:
-    return scaled_original_small(vision_layers=4, vision_dim=256, lm_layers=6, lm_dim=384, lm_heads=6,
-                                 lm_kv_heads=2, intermediate=1024, vocab=16384)
+    return scaled(vision_layers=4, vision_dim=256, lm_layers=6, lm_dim=384, lm_heads=6, lm_kv_heads=2,
+                  intermediate=1024, vocab=16384)
 
 
 @pytest.mark.parametrize("name,cfg,seq_len,batch_size", [

@@ -8,18 +8,14 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Literal
 
 import torch
 
 from nanovlm_cli.config import TrainConfig, VLMConfig
-
-logger = logging.getLogger(__name__)
-
-GIB = 1024**3
-Attention = Literal["efficient", "math"]
 from nanovlm_cli.memory.estimate import SampleShape
 from nanovlm_cli.memory.measure import measure_step
+
+logger = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

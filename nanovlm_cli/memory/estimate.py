@@ -77,7 +77,7 @@ def synthetic_batch(cfg: VLMConfig, shape: SampleShape, batch_size: int, *, seed
     from nanovlm_cli.data.sample import Batch
 
     gen = torch.Generator().manual_seed(seed)
-    image_id = _image_token_id(cfg)
+    image_id = stand_in_image_token_id(cfg)
     t = shape.seq_len
     ids = torch.randint(0, cfg.language.vocab_size, (batch_size, t), generator=gen)
     ids[ids == image_id] = (image_id + 1) % cfg.language.vocab_size
@@ -91,7 +91,7 @@ def synthetic_batch(cfg: VLMConfig, shape: SampleShape, batch_size: int, *, seed
     return Batch(ids, labels, positions, segments, views, batch_size)
 
 
-def _image_token_id(cfg: VLMConfig) -> int:
+def stand_in_image_token_id(cfg: VLMConfig) -> int:
     # Checkpoints carry the id; for a bare preset the first extra row stands in (memory does not depend on it).
     return cfg.image_token_id if cfg.image_token_id is not None else cfg.language.vocab_size
 
@@ -148,7 +148,7 @@ class _Bytes:
 def _param_counts(cfg: VLMConfig) -> dict[str, tuple[int, int]]:
     """(parameter elements, buffer bytes) per part, counted on the meta device (no memory allocated)."""
     with torch.device("meta"):
-        model = VisionLanguageModel(cfg.replace(image_token_id=_image_token_id(cfg)))
+        model = VisionLanguageModel(cfg.replace(image_token_id=stand_in_image_token_id(cfg)))
     out = {}
     for name in ("vision", "projector", "language"):
         module = getattr(model, name)

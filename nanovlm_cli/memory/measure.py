@@ -12,18 +12,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from nanovlm_cli.config import TrainConfig, VLMConfig
+from nanovlm_cli.memory.estimate import SampleShape, stand_in_image_token_id, synthetic_batch
 from nanovlm_cli.models.vlm import VisionLanguageModel, compile_blocks
 
 logger = logging.getLogger(__name__)
 
-GIB = 1024**3
-Attention = Literal["efficient", "math"]
-from nanovlm_cli.memory.estimate import SampleShape, _image_token_id, synthetic_batch
 
 # --- Measuring a real step -----------------------------------------------------------------------------------
 
@@ -47,7 +45,7 @@ def prepare_model(cfg: VLMConfig, train: TrainConfig, device: torch.device) -> t
     """A randomly initialised model set up as training sets it up (freezing, checkpointing, compile) + AdamW."""
     from nanovlm_cli.training.optim import apply_freezing, build_optimizer
 
-    model = VisionLanguageModel(cfg.replace(image_token_id=_image_token_id(cfg))).to(device).train()
+    model = VisionLanguageModel(cfg.replace(image_token_id=stand_in_image_token_id(cfg))).to(device).train()
     apply_freezing(model, train)
     model.vision.gradient_checkpointing = model.language.gradient_checkpointing = train.gradient_checkpointing
     if train.compile:

@@ -5,19 +5,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from nanovlm_cli.config import TrainConfig, VLMConfig
 from nanovlm_cli.errors import ConfigError, NanoVLMError
+from nanovlm_cli.memory.estimate import GIB, SampleShape, estimate_memory, max_batch_size, sample_shape
+from nanovlm_cli.memory.measure import measure_in_subprocess, measure_step
 
 logger = logging.getLogger(__name__)
 
-GIB = 1024**3
-Attention = Literal["efficient", "math"]
-from nanovlm_cli.memory.estimate import SampleShape, estimate_memory, max_batch_size, sample_shape
-from nanovlm_cli.memory.measure import measure_in_subprocess, measure_step
 
 # --- The sweep behind `nanovlm vram` -------------------------------------------------------------------------
 
