@@ -28,7 +28,7 @@ import torch
 
 from nanovlm_cli.data.sample import Sample
 from nanovlm_cli.errors import GenerationError
-from nanovlm_cli.models.kv_cache import KVCache
+from nanovlm_cli.models.kv_cache import KVCache, StaticKVCache
 
 if TYPE_CHECKING:
     from nanovlm_cli.models.vlm import VisionLanguageModel
@@ -215,17 +215,52 @@ def _sync(device: torch.device) -> None:
 
 
 class Engine:
-    """Batched generation with a preallocated KV cache for a `VisionLanguageModel` and its `Processor`."""
+    """Batched generation with a preallocated KV cache for a `VisionLanguageModel` and its `Processor`.
+
+    Decoding runs one of two ways. Eager (the default): a `KVCache` that grows by a slot per step, each step
+    attending to the filled slots only. Static (`compile=True`, or `static_decode=True`): after the prefill the
+    cache moves into a `StaticKVCache` the engine keeps between calls, and every step is one fixed-shape
+    `LanguageModel.decode_step`; compiled, that is one graph for the whole step (one CUDA graph replay on CUDA).
+    Both give the same tokens (tested).
+    """
+
+    STATIC_SLOTS = 64  # the static cache's length is rounded up to this, so similar prompts reuse one graph
 
     def __init__(self, model: VisionLanguageModel, processor: Any, *, compile: bool = False) -> None:
-        """`compile=True` compiles the model's blocks in place (`compile_blocks`): the first calls are slower
-        (compilation, one more for the growing cache), later ones launch far fewer kernels per token."""
+        """`compile=True` compiles the model's blocks in place (`compile_blocks`) for the prefill and the whole
+        decode step as one graph: the first calls are slower (compilation), later ones far cheaper per token."""
         self.model = model
         self.processor = processor
+        self.static_decode = compile
+        self._static: StaticKVCache | None = None
+        self._decode = self._decode_logits
         if compile:
             from nanovlm_cli.models.vlm import compile_blocks
 
             compile_blocks(model, model.device)
+            # CUDA graphs ("reduce-overhead") replay the step with one launch; they need the fixed shapes and
+            # buffers that the static cache gives.
+            mode = "reduce-overhead" if model.device.type == "cuda" else None
+            self._decode = torch.compile(self._decode_logits, fullgraph=True, dynamic=False, mode=mode)
+
+    def _decode_logits(self, feed: torch.Tensor, next_pos: torch.Tensor, cache: StaticKVCache,
+                       blocked: torch.Tensor) -> torch.Tensor:
+        """(R, 1) tokens at positions (R,) -> (R, V) next-token logits, through the static cache."""
+        language = self.model.language
+        hidden = language.decode_step(language.embed(feed), next_pos[:, None], cache)  # (R, 1, D)
+        return self.model.logits(hidden[:, -1]).index_fill(-1, blocked, float("-inf"))
+
+    def _static_cache(self, rows: int, max_len: int, dtype: torch.dtype) -> StaticKVCache:
+        """The kept static cache when it fits, else a new one (a compiled step then compiles for its shapes)."""
+        if self._static is None or not self._static.fits(rows, max_len, dtype):
+            slots = -(-max_len // self.STATIC_SLOTS) * self.STATIC_SLOTS
+            self._static = None  # free the old buffers before allocating the new ones
+            self._static = StaticKVCache.for_model(self.model.cfg.language, rows, slots, device=self.model.device,
+                                                   dtype=dtype)
+            if self.model.device.type == "cuda":
+                for t in (self._static.k, self._static.v, self._static.filled, self._static.slot):
+                    torch._dynamo.mark_static_address(t)
+        return self._static
 
     def _pad_id(self) -> int:
         """Any id that is not the image token works (padding is never attended); prefer the tokenizer's pad."""
@@ -274,8 +309,11 @@ class Engine:
         t0 = time.perf_counter()
         batch = _left_pad(prompts, self._pad_id(), device)
         images = [view for prompt in prompts for view in prompt.images]  # row-major, as the image tokens appear
-        cache = KVCache.for_model(model.cfg.language, len(prompts), batch.input_ids.shape[1] + max_new,
-                                  device=device, dtype=model.projector.proj.weight.dtype)
+        dtype = model.projector.proj.weight.dtype
+        prompt_len = batch.input_ids.shape[1]
+        # The static decode keeps its own cache, so the prefill's needs room for the prompt only.
+        cache = KVCache.for_model(model.cfg.language, len(prompts), prompt_len + (0 if self.static_decode else max_new),
+                                  device=device, dtype=dtype)
         hidden = model(batch.input_ids, images, position_ids=batch.position_ids, segment_ids=batch.segment_ids,
                        kv_cache=cache)  # (B, T, D)
         logits = model.logits(hidden[:, -1])  # (B, V)
@@ -285,13 +323,18 @@ class Engine:
             logits = logits.repeat_interleave(n, dim=0)  # (B*n, V)
             next_pos = next_pos.repeat_interleave(n, dim=0)
             segment_ids = None if segment_ids is None else segment_ids.repeat_interleave(n, dim=0)
+        rows = logits.shape[0]
+        static = None
+        if self.static_decode:
+            static = self._static_cache(rows, prompt_len + max_new, dtype)
+            static.load(cache, segment_ids)
+            del cache
         _sync(device)
         prefill_s = time.perf_counter() - t0
 
         # Image placeholders (image, global-image and tile tokens) are inputs only: never sample them.
         blocked = torch.tensor(self._placeholder_ids(), dtype=torch.long, device=device)
         logits = logits.index_fill(-1, blocked, float("-inf"))
-        rows = logits.shape[0]
         incremental = on_text is not None or bool(sampling.stop_strings)
         outputs = [_RowOutput(self.processor.decode, sampling.stop_strings, incremental) for _ in range(rows)]
         stop_ids = {int(i) for i in self.processor.stop_token_ids}
@@ -313,12 +356,15 @@ class Engine:
             if bool(done.all()):
                 break
             feed = torch.where(done, pad, tokens)[:, None]  # (R, 1); finished rows feed padding
-            if segment_ids is not None:
-                segment_ids = torch.cat([segment_ids, torch.ones_like(feed)], dim=1)  # (R, S + 1)
-            # Straight to the decoder: a sampled image-token id must not ask for image features.
-            hidden = model.language(model.language.embed(feed), next_pos[:, None], segment_ids=segment_ids,
-                                    kv_cache=cache)  # (R, 1, D)
-            logits = model.logits(hidden[:, -1]).index_fill(-1, blocked, float("-inf"))  # (R, V)
+            if static is not None:
+                logits = self._decode(feed, next_pos, static, blocked)  # (R, V)
+            else:
+                if segment_ids is not None:
+                    segment_ids = torch.cat([segment_ids, torch.ones_like(feed)], dim=1)  # (R, S + 1)
+                # Straight to the decoder: a sampled image-token id must not ask for image features.
+                hidden = model.language(model.language.embed(feed), next_pos[:, None], segment_ids=segment_ids,
+                                        kv_cache=cache)  # (R, 1, D)
+                logits = model.logits(hidden[:, -1]).index_fill(-1, blocked, float("-inf"))  # (R, V)
             next_pos = next_pos + 1
         _sync(device)
         decode_s = time.perf_counter() - t1

@@ -253,8 +253,25 @@ def test_generate_command_rejects_a_corrupt_image(checkpoint, tmp_path, capsys):
     assert captured.out == ""
 
 
-def test_compiled_blocks_generate_the_same_tokens_and_compile_once_per_block_kind(loaded, processor):
-    """`Engine(compile=True)`: same greedy tokens as eager; one graph per block kind and phase, not per layer."""
+def test_static_decode_gives_the_same_tokens_as_the_growing_cache(loaded, processor):
+    """The fixed-shape decode (`StaticKVCache`, what `compile=True` compiles) run eagerly: same greedy tokens for
+    left-padded prompts of three lengths, same seeded samples with num_generations, and the engine keeps its cache."""
+    prompts = three_prompts(processor)
+    dynamic = Engine(loaded.model, processor)
+    static = Engine(loaded.model, processor)
+    static.static_decode = True
+    assert static.generate(prompts, greedy()).token_ids == dynamic.generate(prompts, greedy()).token_ids
+    kept = static._static
+    assert static.generate(prompts, greedy(max_new_tokens=4)).token_ids == \
+        dynamic.generate(prompts, greedy(max_new_tokens=4)).token_ids
+    assert static._static is kept is not None  # same rows, fewer slots: the cache (and a compiled graph) is reused
+    sampling = SamplingConfig(max_new_tokens=MAX_NEW, temperature=1.0, num_generations=2, seed=7)
+    assert static.generate(prompts[:1], sampling).token_ids == dynamic.generate(prompts[:1], sampling).token_ids
+
+
+def test_compiled_engine_generates_the_same_tokens_and_compiles_the_decode_step_once(loaded, processor):
+    """`Engine(compile=True)`: same greedy tokens as eager; the blocks compile once per kind (prefill) and the
+    whole decode step once, not once per step, per layer or per prompt length."""
     import copy
 
     import torch._dynamo
@@ -262,13 +279,18 @@ def test_compiled_blocks_generate_the_same_tokens_and_compile_once_per_block_kin
 
     prompts = three_prompts(processor)
     eager = Engine(loaded.model, processor).generate(prompts, greedy(max_new_tokens=6))
+    shorter = [encode(processor, "What colour?", [image((200, 30, 30))]), prompts[1],
+               encode(processor, "Say something about nothing", [])]
+    eager_shorter = Engine(loaded.model, processor).generate(shorter, greedy(max_new_tokens=6))
     torch._dynamo.reset()
     counters.clear()
     engine = Engine(copy.deepcopy(loaded.model), processor, compile=True)
     first = engine.generate(prompts, greedy(max_new_tokens=6))
-    again = engine.generate(prompts, greedy(max_new_tokens=6))
-    assert first.token_ids == eager.token_ids == again.token_ids
-    # vision block; decoder block at prefill and at decode (then dynamic in the cache length); a few more for
-    # shapes that change between calls -- never one per layer (the tiny decoder has 4 layers, 3 vision blocks)
-    assert counters["stats"]["unique_graphs"] <= 5, dict(counters["stats"])
+    graphs = counters["stats"]["unique_graphs"]
+    again = engine.generate(shorter, greedy(max_new_tokens=6))
+    assert first.token_ids == eager.token_ids and again.token_ids == eager_shorter.token_ids
+    # vision block, decoder block at prefill, the decode step; the prefill of another prompt length may add its own
+    # block graph, the decode step must not recompile
+    assert graphs <= 4, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] - graphs <= 1, dict(counters["stats"])
     torch._dynamo.reset()

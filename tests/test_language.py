@@ -16,7 +16,7 @@ from nanovlm_cli.checkpoint.hf_language import (
 )
 from nanovlm_cli.config import LanguageConfig
 from nanovlm_cli.errors import CheckpointError, GenerationError
-from nanovlm_cli.models.kv_cache import KVCache
+from nanovlm_cli.models.kv_cache import KVCache, StaticKVCache
 from nanovlm_cli.models.language import LanguageModel
 
 VOCAB = 128
@@ -267,6 +267,42 @@ def test_left_padded_row_with_cache_equals_unpadded_sequence(family):
     out = torch.cat(outs, dim=1)
     assert torch.isfinite(out).all()
     assert (out[0, n_pad:] - ref[0]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_static_decode_step_equals_the_growing_cache(family):
+    """`decode_step` over a `StaticKVCache` (all slots, masked) computes what `forward` with a `KVCache` computes:
+    a left-padded row, a full one, and more decode steps than Gemma's sliding window (8)."""
+    model = _scratch(family)
+    n_pad, prompt, steps = 3, 6, 12
+    ids = _ids(2, n_pad + prompt + steps, seed=5)
+    segments = torch.ones_like(ids)
+    segments[0, :n_pad] = 0
+    positions = torch.stack([(torch.arange(ids.shape[1]) - n_pad).clamp(min=0), torch.arange(ids.shape[1])])
+    x = model.embed(ids)
+    end = n_pad + prompt
+    with torch.no_grad():
+        growing = KVCache.for_model(model.cfg, 2, ids.shape[1], device="cpu", dtype=torch.float32)
+        model(x[:, :end], positions[:, :end], segment_ids=segments[:, :end], kv_cache=growing)
+        prefilled = KVCache.for_model(model.cfg, 2, end, device="cpu", dtype=torch.float32)
+        model(x[:, :end], positions[:, :end], segment_ids=segments[:, :end], kv_cache=prefilled)
+        static = StaticKVCache.for_model(model.cfg, 2, 32, device="cpu", dtype=torch.float32)
+        static.k.fill_(1e4)  # stale slots from an earlier call must not leak in: the mask keeps them out
+        static.load(prefilled, segments[:, :end])
+        for t in range(end, ids.shape[1]):
+            want = model(x[:, t:t + 1], positions[:, t:t + 1], segment_ids=segments[:, :t + 1], kv_cache=growing)
+            got = model.decode_step(x[:, t:t + 1], positions[:, t:t + 1], static)
+            assert (got - want).abs().max().item() <= 1e-5, t
+    assert int(static.slot) == ids.shape[1] and bool(static.filled[1, :ids.shape[1]].all())
+    assert not static.filled[0, :n_pad].any() and not static.filled[:, ids.shape[1]:].any()
+
+
+def test_static_cache_refuses_a_cache_it_cannot_hold():
+    model = _scratch("llama")
+    cache = KVCache.for_model(model.cfg, 2, 8, device="cpu", dtype=torch.float32)
+    cache.advance(8)
+    with pytest.raises(GenerationError, match="2 rows x 8 slots"):
+        StaticKVCache.for_model(model.cfg, 2, 4, device="cpu", dtype=torch.float32).load(cache, None)
 
 
 def test_cache_overflow_raises_and_repeat_batch_repeats_rows():

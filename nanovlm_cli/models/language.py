@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nanovlm_cli.config import LanguageConfig
 from nanovlm_cli.errors import DataError, GenerationError
-from nanovlm_cli.models.kv_cache import KVCache, LayerCache
+from nanovlm_cli.models.kv_cache import KVCache, LayerCache, StaticKVCache, StaticLayerCache
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.unit_offset and x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # The same arithmetic in one call (w * normed == normed * w exactly): fewer ops per decode step.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.unit_offset:
             return (normed * (1.0 + self.weight.float())).type_as(x)
@@ -94,9 +97,21 @@ class RotaryTables(nn.Module):
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, H, T, Dh) by the angle tables (B, 1, T, Dh/2); same arithmetic as HF's rotate_half."""
+    """Rotate (B, H, T, Dh) by the angle tables; same arithmetic as HF's rotate_half, bit for bit.
+
+    Half-width tables (B, 1, T, Dh/2) are what training uses: fewer bytes to broadcast over long rows. Full-width
+    tables from `decode_tables` (cos | cos and -sin | sin) give the same values in half the ops, which is what
+    counts when one token per row is decoded (x1*cos - x2*sin == x1*cos + x2*(-sin) exactly in IEEE arithmetic).
+    """
+    if cos.shape[-1] == x.shape[-1]:
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin  # roll: (x1, x2) -> (x2, x1)
     x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, Dh/2) each
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, H, T, Dh)
+
+
+def decode_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Full-width tables (cos | cos, -sin | sin) for `apply_rope`'s few-op path."""
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def query_spans(mask: Tensor, chunk: int | None = None) -> list[Span] | None:
@@ -174,8 +189,8 @@ class Attention(nn.Module):
         self.scale = (cfg.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask | None, kv_cache: LayerCache | None,
-        spans: list[Span] | None = None,
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask | None,
+        kv_cache: LayerCache | StaticLayerCache | None, spans: list[Span] | None = None,
     ) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)  # (B, T, H, Dh)
@@ -254,7 +269,7 @@ class Block(nn.Module):
         self.post_mlp_norm = RMSNorm(cfg.hidden_dim, eps, off) if cfg.post_norms else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask | None,
-                kv_cache: LayerCache | None, spans: list[Span] | None = None) -> Tensor:
+                kv_cache: LayerCache | StaticLayerCache | None, spans: list[Span] | None = None) -> Tensor:
         h = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, spans)  # (B, T, D)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
@@ -354,6 +369,9 @@ class LanguageModel(nn.Module):
                 sliding_spans = query_spans(sliding_mask) if sliding_mask is not None else None
         cos, sin = self.rope(position_ids, inputs_embeds.dtype)
         cos_l, sin_l = self.rope_local(position_ids, inputs_embeds.dtype) if self.rope_local is not None else (cos, sin)
+        if t == 1:  # decoding: a few ops here save many in every layer
+            cos, sin = decode_tables(cos, sin)
+            cos_l, sin_l = decode_tables(cos_l, sin_l) if self.rope_local is not None else (cos, sin)
         use_checkpoint = self.gradient_checkpointing and self.training and kv_cache is None
         x = inputs_embeds
         for i, block in enumerate(self.blocks):
@@ -366,6 +384,27 @@ class LanguageModel(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(t)
         return self.norm(x)  # (B, T, D)
+
+    def decode_step(self, inputs_embeds: Tensor, position_ids: LongTensor, cache: StaticKVCache) -> Tensor:
+        """One token per row through a `StaticKVCache`: (B, 1, D) -> (B, 1, D), every shape fixed across steps.
+
+        The same computation as `forward` with a growing `KVCache` (tested), written for `torch.compile`: the keys
+        of the new token go to `cache.slot`, attention spans all slots under the `cache.filled` mask, and the slot
+        advances in place, so the compiled step has no Python-side state to guard on and never recompiles.
+        """
+        slots = torch.arange(cache.max_len, device=inputs_embeds.device)  # (S,)
+        cache.filled.index_fill_(1, cache.slot, True)  # the new token attends to itself
+        full = cache.filled[:, None, None, :]  # (B, 1, 1, S)
+        sliding = full & ((cache.slot - slots) < self.cfg.sliding_window) if self.has_sliding else None
+        cos, sin = decode_tables(*self.rope(position_ids, inputs_embeds.dtype))
+        cos_l, sin_l = (cos, sin) if self.rope_local is None else decode_tables(
+            *self.rope_local(position_ids, inputs_embeds.dtype))
+        x = inputs_embeds
+        for i, block in enumerate(self.blocks):
+            args = (cos_l, sin_l, sliding) if block.sliding else (cos, sin, full)
+            x = block(x, *args, cache.layer(i))
+        cache.slot.add_(1)
+        return self.norm(x)  # (B, 1, D)
 
     def _block_masks(self, segment_ids: LongTensor) -> tuple[BlockMask, BlockMask | None]:
         """The `_masks` of a packed batch without a cache, as FlexAttention block masks (full, sliding)."""
