@@ -28,7 +28,7 @@ _nanovlm() {
                 --image) COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
                 --checkpoint|-c|--max-new-tokens|--temperature|--top-k|--top-p|--num-generations|-n|--seed|--device) COMPREPLY=(); return 0 ;;
             esac
-            opts="--checkpoint -c --image --max-new-tokens --temperature --top-k --top-p --greedy --num-generations -n --seed --device --dtype --json --help -h" ;;
+            opts="--checkpoint -c --image --max-new-tokens --temperature --top-k --top-p --greedy --num-generations -n --seed --device --dtype --compile --json --help -h" ;;
         eval)
             case "$prev" in
                 --backend) COMPREPLY=($(compgen -W "native lmms-eval" -- "$cur")); return 0 ;;
@@ -36,7 +36,7 @@ _nanovlm() {
                 --output|-o|--compare) COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
                 --benchmark|-b|--limit|--batch-size|--split|--tasks|--device) COMPREPLY=(); return 0 ;;
             esac
-            opts="--benchmark -b --limit --batch-size --split --output -o --compare --backend --scoring --tasks --device --json --help -h" ;;
+            opts="--benchmark -b --limit --batch-size --split --output -o --compare --backend --scoring --tasks --device --compile --json --help -h" ;;
         vram)
             case "$prev" in
                 --preset) COMPREPLY=($(compgen -W "default original_small dinov3_gemma dinov2_smollm tiny" -- "$cur")); return 0 ;;

@@ -86,6 +86,7 @@ complete -c nanovlm -n '__fish_seen_subcommand_from generate' -l num-generations
 complete -c nanovlm -n '__fish_seen_subcommand_from generate' -l seed -r -d 'Random seed of the sampler'
 complete -c nanovlm -n '__fish_seen_subcommand_from generate' -l device -r -d 'Device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps'
 complete -c nanovlm -n '__fish_seen_subcommand_from generate' -l dtype -x -a 'auto float32 bfloat16 float16' -d 'Weights dtype: auto, float32, bfloat16, float16'
+complete -c nanovlm -n '__fish_seen_subcommand_from generate' -l compile -d 'torch.compile the model: a slower start (about a minute), then faster tokens; pays for long answers and many samples'
 complete -c nanovlm -n '__fish_seen_subcommand_from generate' -l json -d 'Print the result as JSON on stdout'
 complete -c nanovlm -n '__fish_seen_subcommand_from generate' -F
 complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l benchmark -s b -r -d 'mmstar, shapes (multiple choice), shapes-open (short answers), or a directory of MMStar-format data'
@@ -98,6 +99,7 @@ complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l backend -x -a 'nati
 complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l scoring -x -a 'generate rank' -d 'generate (ask for the option\'s letter and read it from the reply) or rank (pick the option text the model finds most likely; native multiple choice only)'
 complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l tasks -r -d 'Comma-separated lmms-eval tasks (with --backend lmms-eval)'
 complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l device -r -d 'Device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps'
+complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l compile -d 'torch.compile the model: a slower start, then faster batches (native backend)'
 complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l json -d 'Print the result as JSON on stdout'
 complete -c nanovlm -n '__fish_seen_subcommand_from vram' -l batch-sizes -r -d 'Batch sizes to measure, e.g'
 complete -c nanovlm -n '__fish_seen_subcommand_from vram' -l preset -x -a 'default original_small dinov3_gemma dinov2_smollm tiny' -d 'Measure this preset\'s model (default: the default preset)'

@@ -135,10 +135,12 @@ def evaluate(
     max_new_tokens: int = 8,
     on_progress: ProgressCallback | None = None,
     benchmark: str = "custom",
+    compile: bool = False,
 ) -> EvalResult:
     """Ask every MMStar-format row with `mmstar_prompt`, greedily, `batch_size` prompts at a time, and score it.
 
     The model is put in eval mode for the run and restored afterwards (the training loop calls this mid-run).
+    `compile` generates with `Engine(compile=True)`.
     """
     from nanovlm_cli.data.images import load_image
     from nanovlm_cli.data.shapes import mmstar_prompt
@@ -147,7 +149,7 @@ def evaluate(
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size} must be >= 1")
     total = len(rows) if isinstance(rows, Sized) else None
-    engine = Engine(model, processor)
+    engine = Engine(model, processor, compile=compile)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True)
     records: list[dict[str, Any]] = []
     start, was_training = time.perf_counter(), model.training
@@ -181,12 +183,12 @@ def evaluate_shapes(model: Any, processor: Any, n: int = 200, seed: int = 0, bat
 
 
 def evaluate_shapes_open(model: Any, processor: Any, n: int = 200, seed: int = 0,
-                         batch_size: int = 32) -> EvalResult:
+                         batch_size: int = 32, compile: bool = False) -> EvalResult:
     """Exact-match accuracy of short answers on `n` open shapes questions (eval split, images never trained on)."""
     from nanovlm_cli.data.shapes import shapes_records
     from nanovlm_cli.generation import Engine, SamplingConfig
 
-    engine = Engine(model, processor)
+    engine = Engine(model, processor, compile=compile)
     sampling = SamplingConfig(max_new_tokens=4, greedy=True)
     rows = shapes_records(n, seed=seed, split="eval", multiple_choice=0.0)
     records: list[dict[str, Any]] = []
@@ -378,13 +380,14 @@ def evaluate_checkpoint(
     max_new_tokens: int = 8,
     seed: int = 0,
     scoring: str = "generate",
+    compile: bool = False,
     on_progress: ProgressCallback | None = None,
 ) -> Any:
     """Load `checkpoint`, score it on `benchmark`, write results.json + ledger.jsonl to `output_dir` when given.
 
     `scoring` "generate" asks for a letter and extracts it from the reply (`evaluate`); "rank" picks the most likely
     option text (`evaluate_ranked`). With backend "lmms-eval" the checkpoint is handed to lmms-eval's `tasks` instead
-    (see `lmms_adapter`).
+    (see `lmms_adapter`). `compile` compiles the model (for generation, the whole decode step: `Engine`).
     """
     if scoring not in ("generate", "rank"):
         raise DataError(f"scoring={scoring!r} is not one of generate, rank")
@@ -394,6 +397,8 @@ def evaluate_checkpoint(
     if scoring == "rank" and benchmark == "shapes-open":
         raise DataError("--scoring rank needs multiple-choice questions and shapes-open has none; use --benchmark "
                         "shapes or --scoring generate")
+    if compile and backend != "native":
+        raise DataError("--compile works with the native backend only; drop --compile or --backend lmms-eval")
     if backend == "lmms-eval":
         from nanovlm_cli.lmms_adapter import run_lmms_eval
 
@@ -415,13 +420,18 @@ def evaluate_checkpoint(
     processor = Processor(loaded.cfg, loaded.tokenizer)
     if data is None:  # the built-in short-answer set: exact match per category
         result = evaluate_shapes_open(loaded.model, processor, n=limit or 200, seed=seed,
-                                      batch_size=batch_size or DEFAULT_BATCH_SIZE)
+                                      batch_size=batch_size or DEFAULT_BATCH_SIZE, compile=compile)
     elif scoring == "rank":
+        if compile:
+            from nanovlm_cli.models.vlm import compile_blocks
+
+            compile_blocks(loaded.model, torch_device)
         result = evaluate_ranked(loaded.model, processor, data.rows, batch_size=batch_size or DEFAULT_BATCH_SIZE,
                                  on_progress=on_progress, benchmark=data.name)
     else:
         result = evaluate(loaded.model, processor, data.rows, batch_size=batch_size or DEFAULT_BATCH_SIZE,
-                          max_new_tokens=max_new_tokens, on_progress=on_progress, benchmark=data.name)
+                          max_new_tokens=max_new_tokens, on_progress=on_progress, benchmark=data.name,
+                          compile=compile)
     result = replace(result, checkpoint=str(checkpoint))
     if output_dir is not None:
         result = replace(result, output_dir=str(output_dir))

@@ -434,12 +434,14 @@ def generate_from_checkpoint(
     *,
     device: str = "auto",
     dtype: str = "auto",
+    compile: bool = False,
     on_text: TextCallback | None = None,
     **sampling: Any,
 ) -> GenerationResult:
     """Load `checkpoint` (directory or Hub id), read `images` (paths), answer `prompt`: what `nanovlm generate` runs.
 
-    Images are read before the model loads, so a bad file fails fast with an `ImageError` naming it.
+    Images are read before the model loads, so a bad file fails fast with an `ImageError` naming it. `compile`
+    is `Engine(compile=True)`: a slower start, then cheaper tokens.
     """
     from nanovlm_cli.checkpoint.io import load_model
     from nanovlm_cli.data.images import load_image
@@ -454,7 +456,7 @@ def generate_from_checkpoint(
 
     processor = Processor(loaded.cfg, loaded.tokenizer)
     sample = processor.encode_prompt(user_message(prompt, len(pictures)), pictures)
-    result = Engine(loaded.model, processor).generate([sample], config, on_text=on_text)
+    result = Engine(loaded.model, processor, compile=compile).generate([sample], config, on_text=on_text)
     logger.debug("prompt %d tokens, prefill %.3fs, decode %.1f tokens/s", result.prompt_tokens[0], result.prefill_s,
                 result.decode_tokens_per_s)
     return result

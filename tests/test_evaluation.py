@@ -355,3 +355,10 @@ def test_eval_command_rank_scoring_refuses_what_it_cannot_score(checkpoint, caps
     assert run(["eval", str(checkpoint), "--scoring", "rank", "--device", "cpu", *extra]) == 1
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_command_refuses_compile_with_lmms_eval(checkpoint, capsys):
+    capsys.readouterr()
+    assert run(["eval", str(checkpoint), "--backend", "lmms-eval", "--tasks", "mmstar", "--compile"]) == 1
+    err = capsys.readouterr().err
+    assert "--compile works with the native backend only" in err and len(err.strip().splitlines()) == 1

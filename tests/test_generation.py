@@ -224,6 +224,19 @@ def test_generate_command_prints_the_answer(checkpoint, loaded, processor, capsy
     assert captured.out.strip() == expected.strip()
 
 
+def test_generate_command_compiled_gives_the_eager_answer(checkpoint, capsys):
+    from nanovlm_cli.cli.app import run
+
+    directory, picture = checkpoint
+    args = ["generate", str(picture), "What is it?", "-c", str(directory), "--greedy", "--max-new-tokens", "6",
+            "--device", "cpu", "--json"]
+    answers = []
+    for extra in ([], ["--compile"]):
+        assert run([*args, *extra]) == 0
+        answers.append(json.loads(capsys.readouterr().out)["answers"])
+    assert answers[0] == answers[1] and answers[0][0]
+
+
 def test_generate_command_json_output(checkpoint, capsys):
     from nanovlm_cli.cli.app import run
 

@@ -70,6 +70,8 @@ def evaluate(
     tasks: Annotated[str | None, typer.Option(
         "--tasks", help="Comma-separated lmms-eval tasks (with --backend lmms-eval).")] = None,
     device: DeviceOpt = "auto",
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the model: a slower start, then faster batches (native backend).")] = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Score CHECKPOINT on a benchmark."""
@@ -86,7 +88,7 @@ def evaluate(
         result = evaluate_checkpoint(
             checkpoint, benchmark=benchmark, limit=limit, batch_size=batch_size, split=split,
             output_dir=as_str(output), backend=backend, tasks=[t for t in tasks.split(",") if t] if tasks else None,
-            device=device, scoring=scoring,
+            device=device, scoring=scoring, compile=compile,
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     if compare is not None:

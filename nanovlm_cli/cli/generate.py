@@ -35,6 +35,9 @@ def generate(
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the sampler.")] = 0,
     device: DeviceOpt = "auto",
     dtype: Annotated[DType, typer.Option("--dtype", help="Weights dtype: auto, float32, bfloat16, float16.")] = "auto",
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the model: a slower start (about a minute), then faster tokens; pays for "
+                          "long answers and many samples.")] = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Answer PROMPT about IMAGE (and any --image) with a checkpoint."""
@@ -48,7 +51,7 @@ def generate(
     result = generate_from_checkpoint(
         checkpoint, [str(p) for p in images], prompt, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, greedy=greedy, num_generations=num_generations, seed=seed, device=device,
-        dtype=dtype, on_text=(lambda _row, piece: out.print(piece, end="", markup=False, soft_wrap=True))
+        dtype=dtype, compile=compile, on_text=(lambda _row, piece: out.print(piece, end="", markup=False, soft_wrap=True))
         if stream else None,
     )
     if json_output:
