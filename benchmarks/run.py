@@ -220,27 +220,35 @@ def bench_generation(pair: ModelPair, processor: Processor, device: torch.device
             return out.prefill_s, out.decode_s, out.token_ids
         return run
 
-    @torch.inference_mode()
-    def run_ref() -> tuple[float, float, list[list[int]]]:
-        timer = _first_call_timer()
-        sync()
-        t0 = time.perf_counter()
-        embeds = ref.embed(input_ids, images)  # vision + projector + splice, as our prefill includes
-        out = ref.language.generate(
-            inputs_embeds=embeds, attention_mask=torch.ones(input_ids.shape, dtype=torch.long, device=device),
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=processor.
-            stop_token_ids, pad_token_id=0, logits_processor=LogitsProcessorList([timer]))
-        sync()
-        t_end = time.perf_counter()
-        return timer.t_first - t0, t_end - timer.t_first, out.tolist()
+    def reference(**generate_kwargs: Any) -> Callable[[], tuple[float, float, list[list[int]]]]:
+        @torch.inference_mode()
+        def run() -> tuple[float, float, list[list[int]]]:
+            timer = _first_call_timer()
+            sync()
+            t0 = time.perf_counter()
+            embeds = ref.embed(input_ids, images)  # vision + projector + splice, as our prefill includes
+            out = ref.language.generate(
+                inputs_embeds=embeds, attention_mask=torch.ones(input_ids.shape, dtype=torch.long, device=device),
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=processor.
+                stop_token_ids, pad_token_id=0, logits_processor=LogitsProcessorList([timer]), **generate_kwargs)
+            sync()
+            t_end = time.perf_counter()
+            return timer.t_first - t0, t_end - timer.t_first, out.tolist()
+        return run
 
-    sides = {"reference": run_ref, "ours": ours(Engine(model, _NoStop(processor)))}
-    if compiled:  # ours again with compiled blocks (a copy: `compile_blocks` changes the model in place)
-        sides["ours_compiled"] = ours(Engine(copy.deepcopy(model), _NoStop(processor), compile=True))
-    for run in sides.values():  # warmup (compilation included)
-        run()
+    sides = {"reference": reference(), "ours": ours(Engine(model, _NoStop(processor)))}
     if compiled:
-        sides["ours_compiled"]()  # the second call compiles the dynamic-length decode graph
+        # Ours with `Engine(compile=True)` (on a copy: it compiles the model's blocks in place), against transformers'
+        # own compiled decoding: its static cache, whose forward `generate` compiles (on every device when asked).
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig(fullgraph=False)
+        compile_config._compile_all_devices = True
+        sides["ours_compiled"] = ours(Engine(copy.deepcopy(model), _NoStop(processor), compile=True))
+        sides["reference_compiled"] = reference(cache_implementation="static", compile_config=compile_config)
+    for _ in range(2 if compiled else 1):  # warmup; compiled sides compile on their first calls
+        for run in sides.values():
+            run()
     prefill: dict[str, list[float]] = {which: [] for which in sides}
     decode: dict[str, list[float]] = {which: [] for which in sides}
     peaks = {which: 0.0 for which in sides}
@@ -259,10 +267,13 @@ def bench_generation(pair: ModelPair, processor: Processor, device: torch.device
     match = [a == b for a, b in zip(tokens["ours"], tokens["reference"])]
     extra = {}
     if compiled:
-        extra = {"ours_compiled": side["ours_compiled"],
+        extra = {"ours_compiled": side["ours_compiled"], "reference_compiled": side["reference_compiled"],
                  "compiled_decode_speedup": ratios(decode["reference"], decode["ours_compiled"]),
                  "compiled_prefill_speedup": ratios(prefill["reference"], prefill["ours_compiled"]),
-                 "compiled_same_tokens_rows": sum(a == b for a, b in zip(tokens["ours_compiled"], tokens["ours"]))}
+                 "compiled_vs_compiled_decode_speedup": ratios(decode["reference_compiled"], decode["ours_compiled"]),
+                 "compiled_same_tokens_rows": sum(a == b for a, b in zip(tokens["ours_compiled"], tokens["ours"])),
+                 "reference_compiled_same_tokens_rows": sum(
+                     a == b for a, b in zip(tokens["reference_compiled"], tokens["reference"]))}
     return {
         "name": f"generate/{pair.size.name}/b{batch}", "kind": "generate", "model": pair.size.name,
         "workload": {"batch": batch, "prompt_tokens": n_prompt, "views": len(prompt.images), "new_tokens": new_tokens,
@@ -363,6 +374,9 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                              f"{r['prefill_tokens_per_s']:.0f}", _fmt_range(c["compiled_prefill_speedup"])))
                 rows.append(("", "compiled: decode tok/s", f"{oc['decode_tokens_per_s']:.0f}",
                              f"{r['decode_tokens_per_s']:.0f}", _fmt_range(c["compiled_decode_speedup"])))
+                rc = c["reference_compiled"]
+                rows.append(("", "both compiled: decode tok/s", f"{oc['decode_tokens_per_s']:.0f}",
+                             f"{rc['decode_tokens_per_s']:.0f}", _fmt_range(c["compiled_vs_compiled_decode_speedup"])))
     return rows
 
 
@@ -396,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=None, help="comma-separated model sizes (default tiny,20m; quick tiny)")
     parser.add_argument("--cases", default="train,pipeline,generate", help="which kinds of case to run")
     parser.add_argument("--compile-decode", action="store_true",
-                        help="also time our generation with compiled blocks (Engine(compile=True))")
+                        help="also time compiled generation: ours (Engine(compile=True)) and transformers' (static cache, "
+                             "compiled forward)")
     parser.add_argument("--num-workers", type=int, default=1, help="TrainLoader encode threads in the pipeline case")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default 1 on CPU: on a shared machine several intra-op threads "
