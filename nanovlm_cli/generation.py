@@ -218,8 +218,8 @@ class Engine:
     """Batched generation with a preallocated KV cache for a `VisionLanguageModel` and its `Processor`.
 
     Decoding runs one of two ways. Eager (the default): a `KVCache` that grows by a slot per step, each step
-    attending to the filled slots only. Static (`compile=True`, or `static_decode=True`): after the prefill the
-    cache moves into a `StaticKVCache` the engine keeps between calls, and every step is one fixed-shape
+    attending to the filled slots only. Static (`compile=True`, or the `static_decode` attribute set): after the
+    prefill the cache moves into a `StaticKVCache` the engine keeps between calls, and every step is one fixed-shape
     `LanguageModel.decode_step`; compiled, that is one graph for the whole step (one CUDA graph replay on CUDA).
     Both give the same tokens (tested).
     """
