@@ -10,6 +10,8 @@ cache with shapes that never change, for `LanguageModel.decode_step` under `torc
 
 from __future__ import annotations
 
+from typing import Any, Self
+
 import torch
 from torch import Tensor
 
@@ -17,8 +19,8 @@ from nanovlm_cli.config import LanguageConfig
 from nanovlm_cli.errors import GenerationError
 
 
-class KVCache:
-    """Keys and values of every layer for `batch_size` rows and up to `max_len` slots."""
+class _KVBuffers:
+    """Keys and values of every layer, `(n_layers, batch, n_kv_heads, max_len, head_dim)` each, with per-layer views."""
 
     def __init__(
         self,
@@ -32,12 +34,12 @@ class KVCache:
         dtype: torch.dtype,
     ) -> None:
         if max_len <= 0:
-            raise GenerationError(f"KV cache max_len={max_len} must be positive; pass the prompt length plus new tokens")
+            raise GenerationError(f"KV cache max_len={max_len} must be positive; pass the prompt length plus new "
+                                  "tokens")
         shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, H_kv, max_len, Dh)
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, H_kv, max_len, Dh)
         self.max_len = max_len
-        self.pos = 0
         self._split_layers()
 
     def _split_layers(self) -> None:
@@ -47,12 +49,20 @@ class KVCache:
     @classmethod
     def for_model(
         cls, cfg: LanguageConfig, batch_size: int, max_len: int, *, device: torch.device | str, dtype: torch.dtype
-    ) -> KVCache:
+    ) -> Self:
         return cls(cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.head_dim, max_len, device=device, dtype=dtype)
 
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
+
+
+class KVCache(_KVBuffers):
+    """Keys and values of every layer for `batch_size` rows and up to `max_len` slots; `pos` of them filled."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pos = 0
 
     def check_room(self, n: int) -> None:
         """Raise if `n` more slots do not fit (called before any layer writes, so nothing is half-written)."""
@@ -103,7 +113,7 @@ class LayerCache:
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, H_kv, pos+T, Dh) each
 
 
-class StaticKVCache:
+class StaticKVCache(_KVBuffers):
     """Keys and values with shapes that never change between decode steps, for a compiled decode (gpt-fast style).
 
     Every step attends over all `max_len` slots, masked by `filled` (B, max_len), and writes its keys at the slot
@@ -113,24 +123,11 @@ class StaticKVCache:
     (a compiled graph keeps pointing at the same memory).
     """
 
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int, *,
-                 device: torch.device | str, dtype: torch.dtype) -> None:
-        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, H_kv, max_len, Dh)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.filled = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, max_len)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        b, device = self.batch_size, self.k.device
+        self.filled = torch.zeros(b, self.max_len, dtype=torch.bool, device=device)  # (B, max_len)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # (1,) the next slot to write
-        self.max_len = max_len
-        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
-
-    @classmethod
-    def for_model(cls, cfg: LanguageConfig, batch_size: int, max_len: int, *, device: torch.device | str,
-                  dtype: torch.dtype) -> StaticKVCache:
-        return cls(cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.head_dim, max_len, device=device, dtype=dtype)
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
 
     def fits(self, batch_size: int, max_len: int, dtype: torch.dtype) -> bool:
         return self.batch_size == batch_size and self.max_len >= max_len and self.k.dtype == dtype

@@ -367,11 +367,7 @@ class LanguageModel(nn.Module):
             if self.chunk_attention and inputs_embeds.device.type in CHUNKED_ATTENTION_DEVICES:
                 full_spans = query_spans(full_mask) if full_mask is not None else None
                 sliding_spans = query_spans(sliding_mask) if sliding_mask is not None else None
-        cos, sin = self.rope(position_ids, inputs_embeds.dtype)
-        cos_l, sin_l = self.rope_local(position_ids, inputs_embeds.dtype) if self.rope_local is not None else (cos, sin)
-        if t == 1:  # decoding: a few ops here save many in every layer
-            cos, sin = decode_tables(cos, sin)
-            cos_l, sin_l = decode_tables(cos_l, sin_l) if self.rope_local is not None else (cos, sin)
+        cos, sin, cos_l, sin_l = self._rope_tables(position_ids, inputs_embeds.dtype)
         use_checkpoint = self.gradient_checkpointing and self.training and kv_cache is None
         x = inputs_embeds
         for i, block in enumerate(self.blocks):
@@ -385,6 +381,18 @@ class LanguageModel(nn.Module):
             kv_cache.advance(t)
         return self.norm(x)  # (B, T, D)
 
+    def _rope_tables(self, position_ids: LongTensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """cos, sin of the global RoPE, then of the local one (sliding layers; the global tables when it has none).
+
+        One token per row (decoding) gets full-width tables: a few ops here save many in every layer (`apply_rope`).
+        """
+        tables = [self.rope] if self.rope_local is None else [self.rope, self.rope_local]
+        out = [rope(position_ids, dtype) for rope in tables]
+        if position_ids.shape[1] == 1:
+            out = [decode_tables(cos, sin) for cos, sin in out]
+        (cos, sin), (cos_l, sin_l) = out[0], out[-1]
+        return cos, sin, cos_l, sin_l
+
     def decode_step(self, inputs_embeds: Tensor, position_ids: LongTensor, cache: StaticKVCache) -> Tensor:
         """One token per row through a `StaticKVCache`: (B, 1, D) -> (B, 1, D), every shape fixed across steps.
 
@@ -396,9 +404,7 @@ class LanguageModel(nn.Module):
         cache.filled.index_fill_(1, cache.slot, True)  # the new token attends to itself
         full = cache.filled[:, None, None, :]  # (B, 1, 1, S)
         sliding = full & ((cache.slot - slots) < self.cfg.sliding_window) if self.has_sliding else None
-        cos, sin = decode_tables(*self.rope(position_ids, inputs_embeds.dtype))
-        cos_l, sin_l = (cos, sin) if self.rope_local is None else decode_tables(
-            *self.rope_local(position_ids, inputs_embeds.dtype))
+        cos, sin, cos_l, sin_l = self._rope_tables(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
         for i, block in enumerate(self.blocks):
             args = (cos_l, sin_l, sliding) if block.sliding else (cos, sin, full)
