@@ -234,14 +234,19 @@ class Engine:
         self.static_decode = compile
         self._static: StaticKVCache | None = None
         self._decode = self._decode_logits
+        self._cuda_graphs = False
         if compile:
             from nanovlm_cli.models.vlm import compile_blocks
 
             compile_blocks(model, model.device)
-            # CUDA graphs ("reduce-overhead") replay the step with one launch; they need the fixed shapes and
-            # buffers that the static cache gives.
-            mode = "reduce-overhead" if model.device.type == "cuda" else None
-            self._decode = torch.compile(self._decode_logits, fullgraph=True, dynamic=False, mode=mode)
+            self._compile_decode(cuda_graphs=model.device.type == "cuda")
+
+    def _compile_decode(self, cuda_graphs: bool) -> None:
+        """Compile the decode step as one graph. CUDA graphs ("reduce-overhead") replay it with one launch; they
+        need the fixed shapes the static cache gives and its buffers at fixed addresses (`mark_static_address`)."""
+        self._cuda_graphs = cuda_graphs
+        self._decode = torch.compile(self._decode_logits, fullgraph=True, dynamic=False,
+                                     mode="reduce-overhead" if cuda_graphs else None)
 
     def _decode_logits(self, feed: torch.Tensor, next_pos: torch.Tensor, cache: StaticKVCache,
                        blocked: torch.Tensor) -> torch.Tensor:
@@ -257,7 +262,7 @@ class Engine:
             self._static = None  # free the old buffers before allocating the new ones
             self._static = StaticKVCache.for_model(self.model.cfg.language, rows, slots, device=self.model.device,
                                                    dtype=dtype)
-            if self.model.device.type == "cuda":
+            if self._cuda_graphs:
                 for t in (self._static.k, self._static.v, self._static.filled, self._static.slot):
                     torch._dynamo.mark_static_address(t)
         return self._static

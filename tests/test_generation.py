@@ -282,6 +282,28 @@ def test_static_decode_gives_the_same_tokens_as_the_growing_cache(loaded, proces
     assert static.generate(prompts[:1], sampling).token_ids == dynamic.generate(prompts[:1], sampling).token_ids
 
 
+def test_cuda_graph_decode_settings_trace_on_the_cpu(loaded, processor):
+    """What CUDA runs (mode "reduce-overhead", cache buffers marked static), traced here: no graph break, the same
+    tokens, and a second call reuses the kept cache (its static addresses) without recompiling."""
+    import copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    prompts = three_prompts(processor)
+    eager = Engine(loaded.model, processor).generate(prompts, greedy(max_new_tokens=5))
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(copy.deepcopy(loaded.model), processor)
+    engine.static_decode = True
+    engine._compile_decode(cuda_graphs=True)
+    assert engine.generate(prompts, greedy(max_new_tokens=5)).token_ids == eager.token_ids
+    graphs = counters["stats"]["unique_graphs"]
+    assert engine.generate(prompts, greedy(max_new_tokens=5)).token_ids == eager.token_ids
+    assert graphs == 1 and counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
 def test_compiled_engine_generates_the_same_tokens_and_compiles_the_decode_step_once(loaded, processor):
     """`Engine(compile=True)`: same greedy tokens as eager; the blocks compile once per kind (prefill) and the
     whole decode step once, not once per step, per layer or per prompt length."""
