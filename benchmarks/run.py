@@ -6,7 +6,8 @@ Cases (see benchmarks/common.py for how the reference is built and what is compa
 - train/<size>: seconds per optimizer step, tokens/s and samples/s on pre-built packed batches (B rows x L tokens,
   shapes images in 2x2 tiles + a global view), ours vs SiglipVisionModel + our projector + LlamaForCausalLM.
 - pipeline/<size>: ours only; samples/s with the real data pipeline (TrainLoader over the shapes dataset, the
-  Processor encoding in a prefetch thread) vs the pure compute rate on batches drawn from the same loader beforehand.
+  Processor encoding in a prefetch thread) vs the pure compute rate on batches drawn from the same loader beforehand;
+  up to 3 interleaved rounds, the gap is the median per-round gap.
 - generate/<size>/b<B>: prefill and decode tokens/s for one 5-view image prompt (repeated B times), greedy, 64 new
   tokens; our Engine (KV cache) vs `LlamaForCausalLM.generate(inputs_embeds=..., min_new_tokens=max_new_tokens)`.
 Every case reports peak memory (RSS on CPU, CUDA peak allocated on GPU). Figures are medians over `--repeats`
@@ -128,8 +129,12 @@ def statistics_mean(values: list[float]) -> float:
 
 
 def bench_pipeline(pair: ModelPair, processor: Processor, device: torch.device, *, records_per_batch: int,
-                   seq_len: int, steps: int, num_workers: int) -> dict[str, Any]:
-    """Ours: samples/s fed live by TrainLoader vs on batches drawn from an identical loader beforehand."""
+                   seq_len: int, steps: int, num_workers: int, rounds: int = 3) -> dict[str, Any]:
+    """Ours: samples/s fed live by TrainLoader vs on batches drawn from an identical loader beforehand.
+
+    `rounds` pairs of (compute, pipeline) runs, interleaved; the gap is the median of the per-round gaps, so a
+    slow spell of a shared machine shifts one round rather than one side.
+    """
     sync = sync_fn(device)
     model = copy.deepcopy(pair.ours.model).to(device).train()
     opt = make_optimizer(model)
@@ -152,18 +157,21 @@ def bench_pipeline(pair: ModelPair, processor: Processor, device: torch.device, 
 
     prebuilt = list(islice(loader(), steps + 1))
     run(prebuilt)  # every batch shape once first: CUDA's per-shape warm-up (allocator, kernel choice) is not compute
-    with PeakMemory(device) as mem_c:
-        t_compute, n_compute = run(prebuilt)
-    with PeakMemory(device) as mem_p:
-        t_pipe, n_pipe = run(loader())
-    compute, pipeline = n_compute / t_compute, n_pipe / t_pipe
+    compute, pipeline, peaks = [], [], {"compute": 0.0, "pipeline": 0.0}
+    for _ in range(rounds):
+        for which, batches, rates in (("compute", prebuilt, compute), ("pipeline", None, pipeline)):
+            with PeakMemory(device) as mem:
+                seconds, n = run(batches if batches is not None else loader())
+            rates.append(n / seconds)
+            peaks[which] = max(peaks[which], mem.peak_mb)
+    gaps = [1.0 - p / c for c, p in zip(compute, pipeline)]
     return {
         "name": f"pipeline/{pair.size.name}", "kind": "pipeline", "model": pair.size.name,
-        "workload": {"records_per_batch": records_per_batch, "seq_len": seq_len, "steps": steps,
+        "workload": {"records_per_batch": records_per_batch, "seq_len": seq_len, "steps": steps, "rounds": rounds,
                      "num_workers": num_workers, "rows_per_batch": statistics_mean([b.input_ids.shape[0]
                                                                                     for b in prebuilt])},
-        "compute_samples_per_s": compute, "pipeline_samples_per_s": pipeline, "gap": 1.0 - pipeline / compute,
-        "peak_memory_mb": {"compute": mem_c.peak_mb, "pipeline": mem_p.peak_mb},
+        "compute_samples_per_s": stats(compute)["median"], "pipeline_samples_per_s": stats(pipeline)["median"],
+        "gap": stats(gaps)["median"], "gap_range": stats(gaps), "peak_memory_mb": peaks,
     }
 
 
@@ -333,7 +341,8 @@ def run_suite(suite: str, *, quick: bool, repeats: int, sizes: list[str], num_wo
         if "pipeline" in kinds:
             records_per_batch = max(1, round(train["workload"]["samples_per_batch"]))
             cases.append(bench_pipeline(pair, processor, device, records_per_batch=records_per_batch,
-                                        seq_len=seq_len, steps=pipe_steps, num_workers=num_workers))
+                                        seq_len=seq_len, steps=pipe_steps, num_workers=num_workers,
+                                        rounds=min(repeats, 3)))
         for b in gen_batches if "generate" in kinds else ():
             cases.append(bench_generation(pair, processor, device, batch=b, new_tokens=new_tokens, repeats=repeats,
                                           dtype=gen_dtype, compiled=compile_decode))
@@ -359,7 +368,8 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             rows.append(("", "peak MB", f"{o['peak_memory_mb']:.0f}", f"{r['peak_memory_mb']:.0f}", ""))
         elif c["kind"] == "pipeline":
             rows.append((c["name"], "samples/s pipeline vs compute", f"{c['pipeline_samples_per_s']:.1f}",
-                         f"{c['compute_samples_per_s']:.1f} (compute)", f"gap {100 * c['gap']:.1f}%"))
+                         f"{c['compute_samples_per_s']:.1f} (compute)", f"gap {100 * c['gap']:.1f}% [{100 * c['gap_range']['min']:.1f} to "
+                         f"{100 * c['gap_range']['max']:.1f}]"))
         else:
             o, r = c["ours"], c["reference"]
             rows.append((c["name"], "prefill tok/s", f"{o['prefill_tokens_per_s']:.0f}",
