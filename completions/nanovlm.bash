@@ -52,9 +52,9 @@ _nanovlm() {
         push)
             case "$prev" in
                 --dry-run) COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
-                --revision|--commit-message|-m) COMPREPLY=(); return 0 ;;
+                --revision|--commit-message|-m|--license) COMPREPLY=(); return 0 ;;
             esac
-            opts="--private --revision --commit-message -m --dry-run --json --help -h" ;;
+            opts="--private --revision --commit-message -m --dry-run --license --json --help -h" ;;
     esac
     if [[ "$cur" == -* ]]; then
         COMPREPLY=($(compgen -W "$opts" -- "$cur"))

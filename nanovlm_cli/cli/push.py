@@ -1,6 +1,7 @@
 """`nanovlm push`: publish a checkpoint directory to the Hugging Face Hub with a generated model card.
 
-Thin layer over the library's hub module. `--dry-run DIR` writes exactly what would be uploaded (weights,
+Thin layer over the library's hub module. The checkpoint must first pass `nanovlm validate`'s checks (without
+generation); a broken one is refused with one line. `--dry-run DIR` writes exactly what would be uploaded (weights,
 config, tokenizer, model card) into DIR and uploads nothing, so the card can be reviewed offline.
 """
 
@@ -45,12 +46,15 @@ def push(
     commit_message: Annotated[str | None, typer.Option("--commit-message", "-m", help="Commit message.")] = None,
     dry_run: Annotated[Path | None, typer.Option(
         "--dry-run", metavar="DIR", help="Write the files that would be uploaded into DIR; upload nothing.")] = None,
+    license: Annotated[str | None, typer.Option(
+        "--license", metavar="ID", help="License for the model card, e.g. apache-2.0 (default: from the base "
+                                        "models' licenses, else other).")] = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Upload CHECKPOINT to the Hub as REPO_ID, with a model card."""
+    """Validate CHECKPOINT, then upload it to the Hub as REPO_ID with a model card."""
     push_checkpoint = library_function("nanovlm_cli.hub", "push_checkpoint", "push")
     result = push_checkpoint(checkpoint, repo_id, private=private, revision=revision, commit_message=commit_message,
-                             dry_run_dir=as_str(dry_run))
+                             dry_run_dir=as_str(dry_run), license=license)
     if json_output:
         print_json(result)
     else:
