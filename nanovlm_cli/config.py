@@ -9,11 +9,16 @@ Nothing here imports torch: the CLI builds and prints configs without it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import re
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, Union
 
 from nanovlm_cli.errors import ConfigError
 
@@ -32,8 +37,181 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N (N a GPU index) or mps"
+
+
+def is_device_name(name: object) -> bool:
+    """A device spelling we accept (whether this machine has that device is checked when one is chosen)."""
+    return isinstance(name, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name) is not None
+
+
+def check_device_name(name: str) -> str:
+    """`name`, or `ConfigError` when it is not a device spelling (see `is_device_name`)."""
+    if not is_device_name(name):
+        raise ConfigError(f"device {name!r} is not a device; use {DEVICE_NAMES}")
+    return name
+
+
+# --- Field types ----------------------------------------------------------------------------------------------
+# Config files (TOML, JSON), saved run configs and checkpoint config.json files are read as plain data, so every
+# field is checked against its annotation before any range check: `freeze_vision_encoder = "false"` must not
+# freeze (a non-empty string is truthy), `batch_size = 4.7` must not run, `lr_mp = "1e-3"` must not reach a
+# comparison with a number. Whole-valued floats are accepted for integer fields (4.0 -> 4) and integers for
+# float fields (1 -> 1.0); nothing else is converted.
+
+
+class _Mismatch(Exception):
+    """`value` does not fit a field type; `expected` says what would."""
+
+    def __init__(self, expected: str) -> None:
+        super().__init__(expected)
+        self.expected = expected
+
+
+def _kind(value: Any) -> str:
+    """What a value is, in the words of a config file."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number with a fraction" if math.isfinite(value) else "a non-finite number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """`value` as field type `tp` (see above), or raise `_Mismatch` saying what was expected."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        expected = []
+        for option in options:
+            try:
+                return _coerce(value, option)
+            except _Mismatch as exc:
+                expected.append(exc.expected)
+        raise _Mismatch(" or ".join(expected) + (" or null" if type(None) in args else ""))
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        raise _Mismatch("one of " + ", ".join(repr(a) for a in args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _Mismatch("a whole number")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch("a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch("a string")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch(_describe_tuple(args))
+        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise _Mismatch(_describe_tuple(args))
+        try:
+            return tuple(_coerce(v, t) for v, t in zip(value, item_types))
+        except _Mismatch:
+            raise _Mismatch(_describe_tuple(args)) from None
+    if isinstance(tp, type) and issubclass(tp, _Config):
+        if isinstance(value, tp):
+            return value
+        raise _Mismatch(f"a table of {tp.__name__} fields")
+    return value  # an annotation this checker does not know: left to __post_init__
+
+
+def _describe_tuple(args: tuple[Any, ...]) -> str:
+    plural = {bool: "booleans", int: "whole numbers", float: "numbers", str: "strings"}
+    if len(args) == 2 and args[1] is Ellipsis:
+        return f"a list of {plural.get(args[0], 'values')}"
+    kinds = set(args)
+    return f"a list of {len(args)} {plural.get(args[0], 'values') if len(kinds) == 1 else 'values'}"
+
+
+def _type_error(label: str, value: Any, expected: str) -> ConfigError:
+    """One line: the field, the value, what it is and what is expected, and how to write it."""
+    hint = f"write {expected}"
+    if expected.startswith("one of "):
+        hint = "use one of those"
+    elif isinstance(value, str):
+        text = value.strip()
+        if "true or false" in expected and text.lower() in ("true", "false"):
+            hint = f"write {text.lower()} without quotes"
+        elif "number" in expected and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text):
+            hint = f"write {text} without quotes" if "whole" not in expected or float(text).is_integer() \
+                else "use a whole number"
+    elif expected.startswith("a whole number") and isinstance(value, float):
+        hint = "use a whole number"
+    shown = json.dumps(value) if isinstance(value, (str, bool, int, float)) or value is None else repr(value)
+    return ConfigError(f"{label} = {shown} is {_kind(value)}, expected {expected}; {hint}")
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config class (a memo of immutable class data)."""
+    return typing.get_type_hints(cls)
+
+
+def check_field_types(cls: type, data: Mapping[str, Any], prefix: str = "", source: str | None = None) -> None:
+    """Raise `ConfigError` for the first value of `data` that does not fit `cls`'s field types.
+
+    The field is named `prefix` + name ("model.vision." + "hidden_dim"), after "`source`: " when given (e.g. the
+    config file). Nested tables of sub-config fields are checked too; unknown names are left to `from_dict`.
+    """
+    hints = _field_types(cls)
+    for name, value in data.items():
+        if name not in hints:
+            continue
+        tp = hints[name]
+        if isinstance(tp, type) and issubclass(tp, _Config) and isinstance(value, Mapping):
+            check_field_types(tp, value, f"{prefix}{name}.", source)
+            continue
+        try:
+            _coerce(value, tp)
+        except _Mismatch as exc:
+            error = _type_error(prefix + name, value, exc.expected)
+            raise (ConfigError(f"{source}: {error}") if source else error) from None
+
+
 class _Config:
-    """Shared JSON round-trip for the dataclasses below."""
+    """Shared JSON round-trip and field-type checking for the dataclasses below."""
+
+    _label = ""  # how messages name this config's fields: "vision" -> "vision.hidden_dim"
+
+    def _check_types(self) -> None:
+        """Check (and normalise: 4.0 -> 4, 1 -> 1.0, lists -> tuples) every field against its annotation."""
+        for name, tp in _field_types(type(self)).items():
+            if name.startswith("_"):
+                continue
+            value = getattr(self, name)
+            try:
+                coerced = _coerce(value, tp)
+            except _Mismatch as exc:
+                raise _type_error(f"{self._label}.{name}" if self._label else name, value, exc.expected) from None
+            if coerced is not value:
+                object.__setattr__(self, name, coerced)  # frozen dataclass: normalising its own field
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -48,6 +226,9 @@ class _Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{cls._label or cls.__name__} must be a table of {cls.__name__} fields, got "
+                              f"{_kind(data)} ({data!r:.60}); fix the config")
         known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - set(known))
         if unknown:
@@ -81,6 +262,8 @@ class VisionConfig(_Config):
     here matter only for from-scratch models and for display.
     """
 
+    _label = "vision"
+
     kind: VisionKind = "siglip"
     hub_id: str | None = None
     image_size: int = 224  # resolution the position embeddings were trained at
@@ -100,6 +283,7 @@ class VisionConfig(_Config):
     mlp_bias: bool = True
 
     def __post_init__(self) -> None:
+        self._check_types()
         _require(self.kind in ("siglip", "dinov2", "dinov3"),
                  f"vision.kind={self.kind!r} is not one of siglip, dinov2, dinov3")
         for name in ("image_size", "patch_size", "hidden_dim", "intermediate_dim", "n_layers", "n_heads"):
@@ -140,6 +324,8 @@ class LanguageConfig(_Config):
     (`layer_types`) with their own RoPE base (`rope_local_theta`) + `query_pre_attn_scalar`.
     """
 
+    _label = "language"
+
     hub_id: str | None = None
     tokenizer: str | None = None  # Hub id, local directory or "builtin:tiny"; None means hub_id
     vocab_size: int = 49152  # the backbone's own vocabulary (rows of its embedding)
@@ -169,6 +355,7 @@ class LanguageConfig(_Config):
     eos_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name in ("vocab_size", "hidden_dim", "intermediate_dim", "n_layers", "n_heads", "n_kv_heads"):
             _require(getattr(self, name) > 0, f"language.{name}={getattr(self, name)} must be positive")
         _require(self.extra_vocab_size >= 0, f"language.extra_vocab_size={self.extra_vocab_size} must be >= 0")
@@ -209,9 +396,12 @@ class LanguageConfig(_Config):
 class ProjectorConfig(_Config):
     """Pixel shuffle (space-to-depth by `pixel_shuffle_factor`) followed by one linear layer."""
 
+    _label = "projector"
+
     pixel_shuffle_factor: int = 4
 
     def __post_init__(self) -> None:
+        self._check_types()
         _require(self.pixel_shuffle_factor >= 1,
                  f"projector.pixel_shuffle_factor={self.pixel_shuffle_factor} must be >= 1")
 
@@ -226,7 +416,12 @@ class ImageConfig(_Config):
     - "aspect": aspect-preserving resize with the longest side <= max_side and both sides multiples of
       `multiple_of`, encoded as one rectangular patch grid (DINOv3).
     `mean`/`std` None means `ToTensor()` only (pixels in [0, 1]), as in upstream nanoVLM checkpoints.
+    `resample` is the filter of the main resize ("bilinear" for upstream nanoVLM's fixed-size `Resize`);
+    `fill_max_side` resizes the longest side to max_side even when that enlarges the image (upstream's
+    `resize_to_max_side_len`); `global_view` False drops the global view (upstream's tiles before it had one).
     """
+
+    _label = "image"
 
     mode: ResizeMode = "fixed"
     tile_size: int = 224
@@ -234,15 +429,20 @@ class ImageConfig(_Config):
     max_grid: int = 8
     global_view: bool = True
     multiple_of: int = 64
+    resample: Literal["bicubic", "bilinear"] = "bicubic"
+    fill_max_side: bool = False
     mean: tuple[float, float, float] | None = SIGLIP_MEAN
     std: tuple[float, float, float] | None = SIGLIP_STD
 
     def __post_init__(self) -> None:
+        self._check_types()
         _require(self.mode in ("fixed", "tiles", "aspect"),
                  f"image.mode={self.mode!r} is not one of fixed, tiles, aspect")
         _require(self.tile_size > 0 and self.max_side > 0 and self.max_grid > 0 and self.multiple_of > 0,
                  "image.tile_size, image.max_side, image.max_grid and image.multiple_of must be positive")
         _require((self.mean is None) == (self.std is None), "image.mean and image.std must both be set or both None")
+        _require(self.resample in ("bicubic", "bilinear"), f"image.resample={self.resample!r} is not one of "
+                 "bicubic, bilinear")
         if self.std is not None:
             _require(all(s > 0 for s in self.std), f"image.std={self.std} must be positive")
 
@@ -263,6 +463,7 @@ class VLMConfig(_Config):
     source_format: Literal["nanovlm", "upstream"] = "nanovlm"
 
     def __post_init__(self) -> None:
+        self._check_types()
         _require(self.chat_template in ("chatml", "gemma", "plain"),
                  f"chat_template={self.chat_template!r} is not one of chatml, gemma, plain")
         factor = self.projector.pixel_shuffle_factor
@@ -300,8 +501,10 @@ class VLMConfig(_Config):
 
     @property
     def extra_tokens(self) -> list[str]:
-        """Tokens added to the tokenizer (once), in id order."""
-        return [self.image_token, self.global_image_token, *self.tile_tokens]
+        """Tokens added to the tokenizer (once), in id order; no global-image token for tiles without a global view
+        (upstream nanoVLM's first tiles checkpoints: `<|image|>` then the `<row_i_col_j>` markers)."""
+        no_global = self.image.mode == "tiles" and not self.image.global_view
+        return [self.image_token, *([] if no_global else [self.global_image_token]), *self.tile_tokens]
 
     def n_params_estimate(self) -> int:
         """Approximate parameter count from the config alone (for `--dry-run`; ignores biases, norms, CLS/registers)."""
@@ -320,6 +523,8 @@ class VLMConfig(_Config):
 @dataclass(frozen=True)
 class TrainConfig(_Config):
     """Everything about a training run that does not change what the model computes."""
+
+    _label = "train"
 
     dataset: str = "shapes"  # "shapes", a Hub id, a save_to_disk dir, parquet/jsonl files or LLaVA JSON
     dataset_config: str | None = None  # comma-separated subsets of a Hub dataset
@@ -370,6 +575,7 @@ class TrainConfig(_Config):
     max_nonfinite_steps: int = 5
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "max_seq_len",
                      "save_checkpoint_steps", "validation_steps", "console_log_interval", "max_images_per_row",
                      "pack_buffer", "shapes_turns"):
@@ -384,6 +590,12 @@ class TrainConfig(_Config):
         _require(self.report_to in ("none", "wandb", "tensorboard"),
                  f"train.report_to={self.report_to!r} is not one of none, wandb, tensorboard")
         _require(self.keep_last_checkpoints >= 1, "train.keep_last_checkpoints must be >= 1")
+        _require(is_device_name(self.device), f"train.device={self.device!r} is not a device; use {DEVICE_NAMES}")
+        if self.run_name:  # the run directory is output_dir/run_name and must stay inside output_dir
+            _require(self.run_name.strip() not in (".", "..")
+                     and not any(sep in self.run_name for sep in "/\\"),
+                     f"train.run_name={self.run_name!r} is not a plain name (a path separator, '.' or '..' would put "
+                     "the run outside the output directory); use a name like 'my-run' and --output-dir for the place")
         _require(not (self.freeze_vision_encoder and self.freeze_projector and self.freeze_language_model),
                  "every part of the model is frozen; unfreeze at least one of vision, projector, language")
 

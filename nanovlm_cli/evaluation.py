@@ -25,6 +25,7 @@ from nanovlm_cli.errors import DataError
 
 log = logging.getLogger(__name__)
 
+OPEN_ANSWER_BENCHMARKS = frozenset({"shapes-open"})  # scored by exact match of a short answer, no options
 RESULTS_FILE = "results.json"
 LEDGER_FILE = "ledger.jsonl"
 DEFAULT_BATCH_SIZE = 16
@@ -36,16 +37,20 @@ ProgressCallback = Callable[[int, "int | None"], None]  # (samples done, total o
 
 @dataclass
 class Comparison:
-    """This run against an earlier one, sample by sample (joined on the sample index)."""
+    """This run against an earlier one on the samples both scored (joined on sample index and question).
+
+    The accuracies are over those shared samples only: runs of different sizes (`--limit 10` against `--limit 50`)
+    compare what both answered, so an unchanged model shows a delta of 0 with nothing fixed or broken.
+    """
 
     other: str  # the other results.json
-    other_accuracy: float
-    delta: float  # this accuracy - other accuracy
+    other_accuracy: float  # the other run's accuracy on the shared samples
+    delta: float  # accuracy - other_accuracy
     n_common: int
     fixed: list[Any] = field(default_factory=list)  # wrong before, right now
     broken: list[Any] = field(default_factory=list)  # right before, wrong now
-
-
+    accuracy: float = 0.0  # this run's accuracy on the shared samples
+    n_other: int = 0  # samples the other run scored in all
 @dataclass
 class EvalResult:
     """Accuracy overall and per category, plus every sample in `records` (the ledger; left out of `to_dict`)."""
@@ -62,6 +67,11 @@ class EvalResult:
     checkpoint: str | None = None
     output_dir: str | None = None
     comparison: Comparison | None = None
+
+    @property
+    def open_answer(self) -> bool:
+        """Scored by exact match of a short answer (an unanswered reply is empty), not by naming an option."""
+        return self.benchmark in OPEN_ANSWER_BENCHMARKS
 
     def to_dict(self) -> dict[str, Any]:
         out = {"benchmark": self.benchmark, "scoring": self.scoring, "n": self.n, "accuracy": self.accuracy,
@@ -322,43 +332,91 @@ def write_results(result: EvalResult, directory: str | Path) -> Path:
     return path
 
 
+def _read_json_file(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        detail = str(exc).splitlines()[0]
+        raise DataError(f"{path} is not {what} ({type(exc).__name__}: {detail}); pass the results.json written by "
+                        "`nanovlm eval --output DIR`") from exc
+
+
 def read_results(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(results.json contents, ledger records) of an earlier run; `path` is results.json or its directory."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         path = path / RESULTS_FILE
     if not path.is_file():
         raise DataError(f"results file {path} does not exist; pass the results.json written by `nanovlm eval --output`")
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); pass a results.json written by `nanovlm eval`") from exc
+    results = _read_json_file(path, "valid JSON")
+    if not isinstance(results, dict) or "accuracy" not in results:
+        raise DataError(f"{path} is JSON but not an eval results file (no 'accuracy' field); pass the results.json "
+                        "written by `nanovlm eval --output DIR`")
     ledger = path.parent / str(results.get("ledger") or LEDGER_FILE)
     if not ledger.is_file():
         raise DataError(f"no per-sample ledger {ledger.name} next to {path}; re-run that eval with --output DIR")
-    records = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(ledger.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{ledger} line {number} is not JSON ({exc}); the ledger is damaged, re-run that eval "
+                            "with --output DIR") from exc
+        if not isinstance(record, dict) or "index" not in record or "correct" not in record:
+            raise DataError(f"{ledger} line {number} has no 'index' and 'correct' fields; pass a ledger written by "
+                            "`nanovlm eval`")
+        records.append(record)
     return results, records
 
 
+def check_comparable(results: dict[str, Any], benchmark: str, scoring: str, other: str | Path) -> None:
+    """Refuse to compare with an earlier run of another benchmark or scoring protocol (`DataError` naming both)."""
+    theirs_benchmark, theirs_scoring = results.get("benchmark"), results.get("scoring", "generate")
+    if theirs_benchmark is not None and str(theirs_benchmark) != benchmark:
+        raise DataError(f"{other} scored benchmark {theirs_benchmark!r}, this run {benchmark!r}; compare runs of "
+                        "the same benchmark")
+    if str(theirs_scoring) != scoring:
+        raise DataError(f"{other} was scored with --scoring {theirs_scoring}, this run with --scoring {scoring}; "
+                        "compare runs of the same scoring protocol")
+
+
+def _sample_key(record: dict[str, Any]) -> tuple[str, str | None]:
+    """What identifies a sample across runs: its index and, when the ledger has it, its question text."""
+    question = record.get("question")
+    return str(record["index"]), None if question is None else str(question)
+
+
 def compare_results(result: EvalResult, other: str | Path) -> EvalResult:
-    """`result` with a Comparison to the earlier run at `other`: accuracy change and the samples that flipped."""
+    """`result` with a Comparison to the earlier run at `other`, over the samples both runs scored.
+
+    Samples are joined on (index, question), so two runs that share indices but asked different questions (another
+    split or seed) share nothing; a run of another benchmark or scoring protocol is refused (`check_comparable`).
+    """
     results, records = read_results(other)
-    before = {str(r["index"]): bool(r["correct"]) for r in records}
-    fixed, broken, common = [], [], 0
+    check_comparable(results, result.benchmark, result.scoring, other)
+    before = {_sample_key(r): bool(r["correct"]) for r in records}
+    fixed, broken = [], []
+    right_now = right_before = common = 0
     for record in result.records:
-        key = str(record["index"])
+        key = _sample_key(record)
         if key not in before:
             continue
         common += 1
-        if record["correct"] and not before[key]:
+        now, then = bool(record["correct"]), before[key]
+        right_now += now
+        right_before += then
+        if now and not then:
             fixed.append(record["index"])
-        elif before[key] and not record["correct"]:
+        elif then and not now:
             broken.append(record["index"])
     if common == 0:
-        raise DataError(f"no sample index of this run appears in the ledger of {other}; compare runs of the same "
-                        "benchmark")
-    other_accuracy = float(results.get("accuracy", sum(before.values()) / max(len(before), 1)))
-    comparison = Comparison(str(other), other_accuracy, result.accuracy - other_accuracy, common, fixed, broken)
+        raise DataError(f"no sample of this run (index and question) appears in the ledger of {other}; compare runs "
+                        "of the same benchmark, split and seed")
+    accuracy, other_accuracy = right_now / common, right_before / common
+    comparison = Comparison(str(other), other_accuracy, accuracy - other_accuracy, common, fixed, broken,
+                            accuracy=accuracy, n_other=len(records))
     return replace(result, comparison=comparison)
 
 
@@ -399,6 +457,11 @@ def evaluate_checkpoint(
                         "shapes or --scoring generate")
     if compile and backend != "native":
         raise DataError("--compile works with the native backend only; drop --compile or --backend lmms-eval")
+    if output_dir is not None:  # checked before anything loads: a run's results must not be lost at the end
+        out = Path(output_dir).expanduser()
+        blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise DataError(f"output directory {output_dir} cannot be created: {blocker} is a file; pass a directory")
     if backend == "lmms-eval":
         from nanovlm_cli.lmms_adapter import run_lmms_eval
 

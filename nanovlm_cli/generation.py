@@ -19,6 +19,7 @@ while the others go on, and their output is frozen.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,8 +55,9 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.temperature < 0:
-            raise GenerationError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise GenerationError(f"temperature={self.temperature} must be a finite number >= 0 (0 means greedy; "
+                                  "1 samples the model's own distribution, larger values flatten it)")
         if self.top_k is not None and self.top_k < 0:
             raise GenerationError(f"top_k={self.top_k} must be >= 0 (0 means no top-k filtering)")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -95,7 +97,8 @@ def filter_logits(
     The temperature comes first: it reshapes the distribution that top-p measures, so with a high temperature the
     nucleus holds more tokens (upstream nanoVLM filtered first, so temperature never changed the candidate set).
     """
-    logits = logits.float() / max(temperature, 1e-5)  # (B, V)
+    removed = logits == float("-inf")  # blocked tokens; -inf / a huge temperature would be NaN, not -inf
+    logits = (logits.float() / max(temperature, 1e-5)).masked_fill(removed, float("-inf"))  # (B, V)
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -107,6 +110,19 @@ def filter_logits(
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def check_finite_logits(logits: torch.Tensor, step: int) -> None:
+    """Raise `GenerationError` when a row's scores hold NaN or +inf (-inf marks blocked tokens and is fine).
+
+    Broken weights (NaN / Inf in the checkpoint, an overflow in half precision) show up here; sampling from them
+    would fail inside torch, and argmax would return a meaningless token.
+    """
+    if not bool((logits.isfinite() | (logits == float("-inf"))).all()):
+        raise GenerationError(
+            f"the model's next-token scores are NaN or infinite (decoding step {step}); its weights are probably "
+            "corrupt (a diverged run?) or overflow in this dtype: run `nanovlm validate` on the checkpoint, use an "
+            "earlier one, or try --dtype float32")
 
 
 def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -347,6 +363,7 @@ class Engine:
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         t1 = time.perf_counter()
         for step in range(max_new):
+            check_finite_logits(logits, step)
             tokens = sample_next(logits, sampling, generator)  # (R,)
             for row, token in enumerate(tokens.tolist()):
                 out = outputs[row]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from nanovlm_cli.config import TrainConfig, VLMConfig, load_json_config
+from nanovlm_cli.config import TrainConfig, VLMConfig, check_field_types, load_json_config
 from nanovlm_cli.errors import ConfigError
 from nanovlm_cli.presets import get_preset, with_backbones
 
@@ -53,6 +53,8 @@ def _split_config_file(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[
             f"config file {path}: unknown field(s) {', '.join(unknown)}; use training fields "
             f"({', '.join(TRAIN_FIELDS)}), {', '.join(BACKBONE_KEYS)}, or a 'model' table of model fields"
         )
+    check_field_types(TrainConfig, train, source=f"config file {path}")  # "false" is not False, 4.7 not a size
+    check_field_types(VLMConfig, model, prefix="model.", source=f"config file {path}")
     return train, model, backbones
 
 

@@ -13,8 +13,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
+from nanovlm_cli.cli.arguments import check_device, check_output_dir, usage_error
 from nanovlm_cli.cli.console import err, library_function, out, print_json, print_result
 from nanovlm_cli.cli.options import BatchSizeOpt, CheckpointArg, DeviceOpt, EvalBackend, EvalScoring, JsonOpt, as_str
 
@@ -42,9 +44,11 @@ def _comparison_lines(result: Any) -> list[str]:
         shown = ", ".join(str(v) for v in values[:SHOWN_FLIPS])
         return shown + (f" (+{len(values) - SHOWN_FLIPS} more)" if len(values) > SHOWN_FLIPS else "")
 
+    sizes = "" if c.n_common == result.n == c.n_other else f" (this run {result.n}, that run {c.n_other})"
+    samples = "sample" if c.n_common == 1 else "samples"
     return [
-        (f"vs {c.other}: {c.other_accuracy:.4f} -> {result.accuracy:.4f} "
-         f"([{sign}]{c.delta:+.4f}[/]) on {c.n_common} common samples"),
+        (f"vs {escape(c.other)}: {c.other_accuracy:.4f} -> {c.accuracy:.4f} "
+         f"([{sign}]{c.delta:+.4f}[/]) on the {c.n_common} {samples} both runs scored{sizes}"),
         f"fixed ({len(c.fixed)}): {indices(c.fixed) or '-'}",
         f"broken ({len(c.broken)}): {indices(c.broken) or '-'}",
     ]
@@ -75,12 +79,24 @@ def evaluate(
     json_output: JsonOpt = False,
 ) -> None:
     """Score CHECKPOINT on a benchmark."""
+    # Every argument is checked before the checkpoint or the benchmark loads: a mistake costs a second, not a run.
+    check_device(device)
+    check_output_dir(output, "--output")
+    if compare is not None and backend != "native":
+        raise usage_error("--compare", "--compare works with the native backend only (lmms-eval keeps no "
+                                       "per-sample ledger); drop --compare or --backend lmms-eval")
     evaluate_checkpoint = library_function("nanovlm_cli.evaluation", "evaluate_checkpoint", "eval")
     compare_results = library_function("nanovlm_cli.evaluation", "compare_results", "eval --compare")
-    if compare is not None and backend != "native":
+    if compare is not None:
         from nanovlm_cli.errors import DataError
+        from nanovlm_cli.evaluation import check_comparable, read_results
 
-        raise DataError("--compare works with the native backend only (lmms-eval keeps no per-sample ledger)")
+        try:
+            earlier, _ = read_results(compare)
+            if benchmark in ("shapes", "shapes-open", "mmstar"):  # other names are known once the data loads
+                check_comparable(earlier, benchmark, scoring, compare)
+        except DataError as exc:
+            raise usage_error("--compare", str(exc)) from None
     progress = Progress(TextColumn("[bold]eval[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=err, transient=True)
     with progress:
@@ -98,7 +114,8 @@ def evaluate(
         return
     out.print(_summary_table(result))
     if result.unanswered:
-        out.print(f"{result.unanswered} of {result.n} replies named no option (counted wrong)")
+        what = "were empty" if getattr(result, "open_answer", False) else "named no option"
+        out.print(f"{result.unanswered} of {result.n} replies {what} (counted wrong)")
     if result.comparison is not None:
         for line in _comparison_lines(result):
             out.print(line, soft_wrap=True)

@@ -7,21 +7,21 @@ passed through untouched; `--greedy` overrides them.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from nanovlm_cli.cli.arguments import check_device
 from nanovlm_cli.cli.console import library_function, out, print_json
 from nanovlm_cli.cli.options import DEFAULT_CHECKPOINT, CheckpointOpt, DeviceOpt, DType, JsonOpt
-from nanovlm_cli.errors import ImageError
 
 
 def generate(
-    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="Image file to ask about.")],
+    # str, not Path: Path("https://x") would become "https:/x" before we could say that URLs are not read.
+    image: Annotated[str, typer.Argument(metavar="IMAGE", help="Image file to ask about.")],
     prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="The question or instruction.")],
     checkpoint: CheckpointOpt = DEFAULT_CHECKPOINT,
-    extra_images: Annotated[list[Path] | None, typer.Option(
+    extra_images: Annotated[list[str] | None, typer.Option(
         "--image", metavar="IMAGE", help="Another image for the same prompt (repeatable).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate at most.")] = 128,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0,
@@ -41,10 +41,12 @@ def generate(
     json_output: JsonOpt = False,
 ) -> None:
     """Answer PROMPT about IMAGE (and any --image) with a checkpoint."""
+    from nanovlm_cli.data.images import check_image_path  # torch-free --help: the library loads on use
+
     images = [image, *(extra_images or [])]
+    check_device(device)
     for path in images:
-        if not path.is_file():
-            raise ImageError(f"image {path} does not exist; pass the path of an image file")
+        check_image_path(path)  # a missing file, a directory or a URL fails here, before the model loads
 
     generate_from_checkpoint = library_function("nanovlm_cli.generation", "generate_from_checkpoint", "generate")
     stream = not json_output and num_generations == 1 and out.is_terminal

@@ -3,9 +3,10 @@
 Two steps, kept apart so each is testable: `load_image` turns a path / bytes / PIL image / `datasets` dict into an
 RGB `PIL.Image` (alpha composited on white, 16-bit scaled to 8-bit, EXIF rotation applied, first frame of an
 animation) or raises `ImageError` naming the file; `process_image` resizes, splits and normalises according to
-`cfg.image`. Resizing is done by PIL in C (bicubic for the main resize, as upstream nanoVLM's `DynamicResize`;
-bilinear with PIL's built-in antialiasing for the tile-size global view, as upstream's tensor `resize`), and the
-only tensor work is one uint8 -> float conversion per image, because this runs per sample in the training loop.
+`cfg.image`. The main resize is done by PIL in C (bicubic, as upstream nanoVLM's `DynamicResize`, unless
+`image.resample` says bilinear); the tile-size global view is resized from the float pixels by torch (bilinear,
+antialiased, as upstream's tensor `resize`); otherwise the only tensor work is one uint8 -> float conversion per
+image, because this runs per sample in the training loop.
 """
 
 from __future__ import annotations
@@ -67,6 +68,26 @@ def _describe(src: Any, name: str | None) -> str:
     return f"<{type(src).__name__}>"
 
 
+IMAGE_FILES = "an image file (PNG, JPEG, WebP, GIF, BMP, TIFF...)"
+_URL_SCHEMES = ("http://", "https://", "ftp://", "s3://", "gs://", "hf://", "file://", "data:")
+
+
+def check_image_path(src: str | Path, missing_hint: str = "check the path") -> Path:
+    """The local file `src` names, or an `ImageError` that says what is accepted (URLs and directories are not)."""
+    text = str(src)
+    if text.lower().startswith(_URL_SCHEMES):
+        raise ImageError(f"image {text} is a URL; images are read from local files only: download it first "
+                         f"(e.g. curl -LO '{text}') and pass the file")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise ImageError(f"image {text} is a directory; pass {IMAGE_FILES} (one per --image)")
+    if not path.exists():
+        raise ImageError(f"image file {text} does not exist; {missing_hint}")
+    if not path.is_file():
+        raise ImageError(f"image {text} is not a regular file; pass {IMAGE_FILES}")
+    return path
+
+
 def _open(src: Any, label: str) -> Image.Image:
     """Open `src` lazily (no pixel decoding yet); missing files and unsupported types raise ImageError."""
     if isinstance(src, Image.Image):
@@ -83,10 +104,7 @@ def _open(src: Any, label: str) -> Image.Image:
             raise ImageError(f"image {label} is empty (0 bytes); the file or dataset row has no image data")
         return Image.open(io.BytesIO(bytes(src)))
     if isinstance(src, (str, Path)):
-        path = Path(src).expanduser()
-        if not path.is_file():
-            raise ImageError(f"image file {src} does not exist; check the path (or --image-root for relative paths)")
-        return Image.open(path)
+        return Image.open(check_image_path(src, "check the path (or --image-root for relative paths)"))
     raise ImageError(f"image {label} has unsupported type {type(src).__name__}; pass a path, bytes or a PIL image")
 
 
@@ -165,17 +183,19 @@ def _round_up(x: float, unit: int) -> int:
     return max(unit, math.ceil(x / unit) * unit)
 
 
-def tiles_size(height: int, width: int, tile: int, max_side: int, max_grid: int) -> tuple[int, int]:
+def tiles_size(height: int, width: int, tile: int, max_side: int, max_grid: int,
+               fill_max_side: bool = False) -> tuple[int, int]:
     """(h, w) for "tiles" mode: aspect-aware, both sides multiples of `tile`, at most max_grid tiles per side.
 
-    The longest side goes to the smallest multiple of `tile` that holds it (capped by max_side and max_grid), the
-    other side scales with it and is rounded up (never undershoots), as upstream nanoVLM's DynamicResize.
+    The longest side goes to the smallest multiple of `tile` that holds it (capped by max_side and max_grid; with
+    `fill_max_side`, to the cap itself, enlarging small images), the other side scales with it and is rounded up
+    (never undershoots), as upstream nanoVLM's DynamicResize.
     Example: 1000x600 (h x w), tile 512, max_side 2048 -> long 1024, scale 1.024, short 614.4 -> 1024x1024;
     4000x40 -> long 2048, short 20.5 -> 512: 2048x512 (4x1 tiles).
     """
     cap = max(tile, min(max_side, max_grid * tile) // tile * tile)
     long, short = max(height, width), min(height, width)
-    target_long = min(cap, _round_up(long, tile))
+    target_long = cap if fill_max_side else min(cap, _round_up(long, tile))
     target_short = min(target_long, _round_up(short * target_long / long, tile))
     return (target_long, target_short) if height >= width else (target_short, target_long)
 
@@ -200,6 +220,10 @@ def _to_tensor(img: Image.Image, mean: torch.Tensor | None, std: torch.Tensor | 
     return x
 
 
+def _normalise(x: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
+    return x if mean is None or std is None else (x - mean) / std
+
+
 def _norm_stats(cfg: VLMConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     if cfg.image.mean is None or cfg.image.std is None:
         return None, None
@@ -218,24 +242,28 @@ def process_image(img: Image.Image, cfg: VLMConfig) -> ProcessedImage:
     unit = cfg.vision.patch_size * cfg.projector.pixel_shuffle_factor
     width, height = img.size
 
+    resample = Image.BILINEAR if ic.resample == "bilinear" else Image.BICUBIC
     if ic.mode == "fixed":
-        view = _to_tensor(img.resize((ic.tile_size, ic.tile_size), Image.BICUBIC), mean, std)  # (3, t, t)
+        view = _to_tensor(img.resize((ic.tile_size, ic.tile_size), resample), mean, std)  # (3, t, t)
         return ProcessedImage([view], (1, 1), False, [cfg.image_tokens_per_tile])
 
     if ic.mode == "aspect":
         h, w = aspect_size(height, width, ic.max_side, ic.multiple_of)
-        view = _to_tensor(img.resize((w, h), Image.BICUBIC), mean, std)  # (3, h, w)
+        view = _to_tensor(img.resize((w, h), resample), mean, std)  # (3, h, w)
         return ProcessedImage([view], (1, 1), False, [(h // unit) * (w // unit)])
 
     t = ic.tile_size
-    h, w = tiles_size(height, width, t, ic.max_side, ic.max_grid)
+    h, w = tiles_size(height, width, t, ic.max_side, ic.max_grid, ic.fill_max_side)
     rows, cols = h // t, w // t
-    resized = img.resize((w, h), Image.BICUBIC) if (w, h) != (width, height) else img
+    resized = img.resize((w, h), resample) if (w, h) != (width, height) else img
+    full = _to_tensor(resized, None, None)  # (3, rows*t, cols*t) in [0, 1]
     views: list[torch.Tensor] = []
     has_global = ic.global_view
     if has_global and (rows, cols) != (1, 1):
-        views.append(_to_tensor(resized.resize((t, t), Image.BILINEAR), mean, std))  # (3, t, t)
-    full = _to_tensor(resized, mean, std)  # (3, rows*t, cols*t)
+        # on the float pixels, as upstream's tensor `resize` (bilinear, antialiased): no second uint8 rounding
+        small = torch.nn.functional.interpolate(full[None], size=(t, t), mode="bilinear", antialias=True,
+                                                align_corners=False)[0]  # (3, t, t)
+        views.append(_normalise(small, mean, std))
     tiles = full.view(3, rows, t, cols, t).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, t, t)  # row-major
-    views.extend(tiles.unbind(0))
+    views.extend(_normalise(tiles, mean, std).unbind(0))
     return ProcessedImage(views, (rows, cols), has_global, [cfg.image_tokens_per_tile] * len(views))

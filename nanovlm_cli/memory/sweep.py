@@ -52,13 +52,16 @@ class VramReport:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The device `nanovlm vram` measures on: `distributed.resolve_device`, CUDA or the CPU only ("auto" skips MPS)."""
+    from nanovlm_cli import distributed
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asked for CUDA but no CUDA device is visible; use --device cpu")
-    if not (device.startswith("cuda") or device == "cpu"):
-        raise ConfigError(f"--device {device} is not supported by vram; use auto, cpu or cuda[:N]")
-    return torch.device(device)
+    dev = distributed.resolve_device(device)
+    if dev.type not in ("cuda", "cpu"):
+        raise ConfigError(f"--device {device} is not supported by vram (it measures CUDA or CPU memory); use auto, "
+                          "cpu or cuda[:N]")
+    return dev
 
 
 def measure_vram(
