@@ -18,6 +18,10 @@ r, r + W, r + 2W, ... (strided). When W does not divide N, the shard is padded b
 (at most W - 1 records repeat per epoch), so every rank holds ceil(N / W) records. Streaming sources keep the
 stream's order; rows are read in chunks of W and rank r takes row r of each chunk; an incomplete final chunk (fewer
 than W rows) is dropped and counted as "stream_remainder" by the rank that would have owned each row.
+
+A dataset with nothing usable (wrong columns, every sample longer than `max_seq_len`) would otherwise cycle through
+epochs forever: once `max_unusable_records` consecutive records of the shard (or a whole epoch, if shorter) gave
+no batch, iteration raises `DataError` with the skip counts by reason, an example of each, and the fix.
 """
 
 from __future__ import annotations
@@ -44,7 +48,21 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 DEFAULT_PACK_BUFFER = 4  # batches whose records are packed together
 _PREFETCH_WINDOWS = 2
+MAX_UNUSABLE_RECORDS = 2000  # consecutive records without a usable sample before the loader gives up
 _END = object()
+
+# What to change, per skip reason, when nothing in the dataset is usable.
+_FIXES = {
+    "missing_field": "give each row a 'messages', 'conversations' or 'texts' field (the chat, LLaVA or "
+                     "the_cauldron layout)",
+    "too_long": "raise --max-seq-len to at least the shortest sample's length",
+    "too_many_images": "raise --max-images-per-row",
+    "unreadable_image": "check the image files (and --image-root for relative paths)",
+    "low_rating": "lower --min-rating",
+    "no_supervised_tokens": "give each sample an assistant turn to learn from",
+    "image_count_mismatch": "make the <image> placeholders of each row match its images",
+    "invalid_json": "fix the file's lines (one JSON object per line)",
+}
 
 
 @dataclass
@@ -55,6 +73,8 @@ class _Window:
     next_start: int
     batches: list[Batch] = field(default_factory=list)
     skips: dict[str, int] = field(default_factory=dict)  # skips caused by this window, merged when consumed
+    n_records: int = 0
+    examples: dict[str, str] = field(default_factory=dict)  # skip reason -> what was wrong (first case seen)
 
 
 class TrainLoader:
@@ -63,7 +83,8 @@ class TrainLoader:
     def __init__(self, source: Any, encode: Callable[[Record], Sample], *, batch_size: int, max_seq_len: int,
                  max_images_per_row: int, seed: int, rank: int = 0, world_size: int = 1,
                  skips: SkipCounter | None = None, pack_buffer: int = DEFAULT_PACK_BUFFER, num_workers: int = 0,
-                 epochs: int | None = None, pad_token_id: int = 0, packing: bool = True) -> None:
+                 epochs: int | None = None, pad_token_id: int = 0, packing: bool = True,
+                 max_unusable_records: int = MAX_UNUSABLE_RECORDS, name: str = "the dataset") -> None:
         if batch_size <= 0 or max_seq_len <= 0 or pack_buffer <= 0 or num_workers < 0:
             raise DataError(f"batch_size={batch_size}, max_seq_len={max_seq_len}, pack_buffer={pack_buffer} must be "
                             f"positive and num_workers={num_workers} >= 0")
@@ -74,6 +95,7 @@ class TrainLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.pack_buffer, self.num_workers, self.epochs, self.pad_token_id = pack_buffer, num_workers, epochs, pad_token_id
         self.packing = packing  # False: one sample per row (rows still dealt into balanced batches)
+        self.max_unusable_records, self.name = max(1, max_unusable_records), name
         self.skips = skips if skips is not None else SkipCounter()
         self.map_style = is_map_style(source)
         if self.map_style and len(source) == 0:
@@ -112,26 +134,36 @@ class TrainLoader:
 
     # ------------------------------------------------------------------ windows
 
-    def _encode_one(self, item: Any) -> Sample | str:
-        """A Sample, or the skip reason of a record that is unusable (read or encode raised a data error)."""
+    def _encode_one(self, item: Any) -> Sample | tuple[str, str]:
+        """A Sample, or (skip reason, message) for a record that is unusable (read or encode raised a data error)."""
         try:
             record = self.source[item] if self.map_style else item
             if isinstance(record, Exception):
                 raise record
             return self.encode(record)
         except (DataError, ImageError) as exc:
-            return getattr(exc, "reason", "unreadable_image" if isinstance(exc, ImageError) else "invalid_sample")
+            reason = getattr(exc, "reason", "unreadable_image" if isinstance(exc, ImageError) else "invalid_sample")
+            return reason, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
     def _build(self, epoch: int, start: int, items: list[Any], next_epoch: int, next_start: int,
                extra_skips: SkipCounter | None = None) -> _Window:
         encoded = list(self._pool.map(self._encode_one, items)) if self._pool else [self._encode_one(i) for i in items]
         delta = extra_skips if extra_skips is not None else SkipCounter()
-        samples = []
+        samples, examples = [], {}
         for out in encoded:
-            if isinstance(out, str):
-                delta.add(out)
+            if isinstance(out, tuple):
+                delta.add(out[0])
+                examples.setdefault(out[0], out[1])
             else:
                 samples.append(out)
+        too_long = [len(s) for s in samples if len(s) > self.max_seq_len]
+        if too_long:
+            examples["too_long"] = f"the shortest has {min(too_long)} tokens, max_seq_len is {self.max_seq_len}"
+        too_many = [len(s.images) for s in samples if len(s) <= self.max_seq_len
+                    and len(s.images) > self.max_images_per_row]
+        if too_many:
+            examples["too_many_images"] = (f"the fewest is {min(too_many)} image views, max_images_per_row is "
+                                           f"{self.max_images_per_row}")
         n_batches = math.ceil(len(items) / self.batch_size)
         rows = pack(samples, max_seq_len=self.max_seq_len, max_images_per_row=self.max_images_per_row,
                     min_rows=n_batches, max_samples_per_row=None if self.packing else 1, skips=delta)
@@ -147,7 +179,7 @@ class TrainLoader:
                 groups = [g.tolist() for g in np.array_split(np.arange(len(rows)), n_groups)]
             batches = [collate([[samples[i] for i in rows[r]] for r in g], pad_token_id=self.pad_token_id)
                        for g in groups]
-        return _Window(epoch, start, next_epoch, next_start, batches, delta.as_dict())
+        return _Window(epoch, start, next_epoch, next_start, batches, delta.as_dict(), len(items), examples)
 
     def _map_windows(self, epoch: int, start: int) -> Iterator[_Window]:
         while self.epochs is None or epoch < self.epochs:
@@ -190,11 +222,16 @@ class TrainLoader:
             windows = _prefetch(self._windows(), _PREFETCH_WINDOWS)
         else:
             windows = self._windows()
+        unusable = _UnusableStretch(at_epoch_start=self._start == 0 and resume_consumed == 0)
         try:
             for window in windows:
                 first, resume_consumed = resume_consumed, 0
                 if first == 0:
                     self.skips.merge(window.skips)
+                if unusable.add(window):
+                    limit = min(self.max_unusable_records, self.shard_len or self.max_unusable_records)
+                    if unusable.records >= limit or unusable.whole_epoch:
+                        raise DataError(unusable.message(self.name))
                 for k in range(first, len(window.batches)):
                     if k == len(window.batches) - 1:
                         self._epoch, self._start, self._consumed = window.next_epoch, window.next_start, 0
@@ -259,6 +296,39 @@ class TrainLoader:
         self.skips.load_state_dict(state["skips"])
 
 
+class _UnusableStretch:
+    """Consecutive windows that gave no batch: their record and skip counts, and whether a whole epoch was empty."""
+
+    def __init__(self, at_epoch_start: bool) -> None:
+        self.records, self.skips, self.examples = 0, SkipCounter(), {}
+        self.epoch_started = at_epoch_start  # the stretch holds an epoch's start, so its end means a whole epoch
+        self.whole_epoch = False
+
+    def add(self, window: _Window) -> bool:
+        """Count `window`; True while the stretch of unusable windows goes on."""
+        if window.batches:
+            self.records, self.skips, self.examples = 0, SkipCounter(), {}
+            self.epoch_started = window.next_epoch != window.epoch
+            return False
+        self.records += window.n_records
+        self.skips.merge(window.skips)
+        for reason, text in window.examples.items():
+            self.examples.setdefault(reason, text)
+        ends_epoch = window.next_epoch != window.epoch
+        self.whole_epoch = self.whole_epoch or (ends_epoch and self.epoch_started)
+        self.epoch_started = self.epoch_started or ends_epoch
+        return True
+
+    def message(self, name: str) -> str:
+        counts = {k: v for k, v in self.skips.as_dict().items() if k != "stream_remainder"}
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+        skipped = ", ".join(f"{reason} {n}" + (f" ({self.examples[reason]})" if reason in self.examples else "")
+                            for reason, n in ranked) or "none counted"
+        fixes = [_FIXES.get(reason, "check the dataset") for reason, _ in ranked] or ["check the dataset"]
+        where = f"all {self.records:,} rows" if self.whole_epoch else f"the last {self.records:,} rows read"
+        return f"no usable training sample in {name}: {where} skipped ({skipped}); {'; '.join(dict.fromkeys(fixes))}"
+
+
 def _prefetch(windows: Iterator[_Window], depth: int) -> Iterator[_Window]:
     """Run `windows` in a producer thread, `depth` windows ahead; stops the producer when closed."""
     q: queue.Queue = queue.Queue(maxsize=depth)
@@ -302,24 +372,33 @@ def _prefetch(windows: Iterator[_Window], depth: int) -> Iterator[_Window]:
 
 def validation_batches(source: Any, encode: Callable[[Record], Sample], *, n_batches: int, batch_size: int,
                        max_seq_len: int, max_images_per_row: int, skips: SkipCounter | None = None,
-                       pad_token_id: int = 0) -> list[Batch]:
+                       pad_token_id: int = 0, max_unusable_records: int = MAX_UNUSABLE_RECORDS) -> list[Batch]:
     """The first `n_batches` batches of `batch_size` usable samples each, in the source's own order (no shuffle).
 
-    Each batch holds all rows its samples pack into, so the set is fixed for a given held-out split.
+    Each batch holds all rows its samples pack into, so the set is fixed for a given held-out split. The scan stops
+    (with fewer batches, possibly none) after `max_unusable_records` records in a row that gave no batch.
     """
     skips = skips if skips is not None else SkipCounter()
     batches: list[Batch] = []
     pending: list[Sample] = []
+    since_batch = 0
 
     def flush() -> None:
+        nonlocal since_batch
         rows = pack(pending, max_seq_len=max_seq_len, max_images_per_row=max_images_per_row, skips=skips)
         if rows:
             batches.append(collate([[pending[i] for i in row] for row in rows], pad_token_id=pad_token_id))
+            since_batch = 0
         pending.clear()
 
     for item in _records_in_order(source):
         if len(batches) == n_batches:
             break
+        if since_batch >= max_unusable_records:
+            logger.warning("validation: no usable sample in %d records in a row (skipped %s); validating on %d "
+                           "batches", since_batch, skips.as_dict(), len(batches))
+            break
+        since_batch += 1
         try:
             if isinstance(item, Exception):
                 raise item

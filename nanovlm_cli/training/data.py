@@ -62,7 +62,7 @@ def build_training_data(model_cfg: VLMConfig, cfg: TrainConfig, tokenizer: Any, 
         source, processor.encode, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len,
         max_images_per_row=cfg.max_images_per_row, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
         skips=skips, pack_buffer=cfg.pack_buffer, num_workers=cfg.num_workers, pad_token_id=pad_id,
-        packing=cfg.packing,
+        packing=cfg.packing, name=cfg.dataset,
     )
     validation: list[Batch] = []
     val_source = _validation_source(cfg, SkipCounter())

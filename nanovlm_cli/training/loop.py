@@ -6,7 +6,8 @@ Design choices:
   batch 2b, and gradient accumulation is exact, whatever the packing.
 - A checkpoint holds everything the next step depends on (weights, optimizer, scheduler, step, RNG states, the data
   loader's position including its packing buffer), so a resumed run reproduces the uninterrupted one.
-- Ctrl-C / SIGTERM finish the current step, save a checkpoint and return normally (`summary.interrupted`).
+- Ctrl-C / SIGTERM during a step finish it, save a checkpoint and return (`summary.interrupted_by`); while waiting
+  for data or before the first step they stop at once (`training.signals`), saving what a finished step left.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import contextlib
 import json
 import logging
 import math
-import signal
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -40,33 +40,9 @@ from nanovlm_cli.training.metrics import (
 )
 from nanovlm_cli.training.optim import apply_freezing, build_optimizer, build_scheduler
 from nanovlm_cli.training.reporting import CallbackList, Reporter, check_reporter_installed
+from nanovlm_cli.training.signals import StopFlag, TrainingInterrupted, signal_name
 
 log = logging.getLogger(__name__)
-
-
-class _StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it between steps."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> Self:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. a test runner thread): no signal handling
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
@@ -103,20 +79,25 @@ def train(
     *,
     callback: TrainCallback | None = None,
 ) -> TrainSummary:
-    """Train (or resume, with `cfg.resume`) and return the run's summary. Rank 0 alone writes files."""
+    """Train (or resume, with `cfg.resume`) and return the run's summary. Rank 0 alone writes files.
+
+    A SIGINT/SIGTERM before the first step raises `TrainingInterrupted` (nothing to save); later it returns the
+    summary of the saved checkpoint with `interrupted_by` set (see `training.signals`).
+    """
     callback = callback or NullCallback()
     check_reporter_installed(cfg.report_to)  # fail before any work starts
-    info, device = init_distributed(cfg.device)
-    if cfg.max_threads:
-        torch.set_num_threads(cfg.max_threads)
-    try:
-        return _train(model_cfg, cfg, callback, info, device)
-    finally:
-        shutdown(info)
+    with StopFlag() as stop:
+        info, device = init_distributed(cfg.device)
+        if cfg.max_threads:
+            torch.set_num_threads(cfg.max_threads)
+        try:
+            return _train(model_cfg, cfg, callback, info, device, stop)
+        finally:
+            shutdown(info)
 
 
 def _train(model_cfg: VLMConfig, cfg: TrainConfig, callback: TrainCallback, info: DistInfo,
-           device: torch.device) -> TrainSummary:
+           device: torch.device, stop: StopFlag) -> TrainSummary:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     resume_state: dict[str, Any] | None = None
@@ -140,7 +121,8 @@ def _train(model_cfg: VLMConfig, cfg: TrainConfig, callback: TrainCallback, info
     data: TrainingData = build_training_data(model_cfg, cfg, tokenizer, info)
     step = 0
     best_val: float | None = None
-    best_dir: Path | None = None
+    best_dir: Path | None = None  # the best checkpoint by validation (never pruned); best_val is its loss
+    best_seen: float | None = None  # the lowest validation loss of the run, checkpointed or not
     samples_seen = tokens_seen = 0
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -150,8 +132,10 @@ def _train(model_cfg: VLMConfig, cfg: TrainConfig, callback: TrainCallback, info
         step = int(resume_state["step"])
         best_val = resume_state.get("best_val_loss")
         best_dir = Path(resume_state["best_dir"]) if resume_state.get("best_dir") else None
+        best_seen = resume_state.get("best_val_seen", best_val)
         samples_seen, tokens_seen = int(resume_state["samples_seen"]), int(resume_state["tokens_seen"])
         st.restore_rng(resume_state["rng"][info.rank] if isinstance(resume_state["rng"], list) else resume_state["rng"])
+    start_step = step
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_config.json").write_text(json.dumps({"model": model_cfg.to_dict(), "train": cfg.to_dict()},
@@ -170,12 +154,17 @@ def _train(model_cfg: VLMConfig, cfg: TrainConfig, callback: TrainCallback, info
     callback.on_start(RunInfo(str(run_dir), run_dir.name, str(device), info.world_size, n_trainable, n_frozen,
                               cfg.max_steps, step, str(cfg.resume) if cfg.resume else None))
 
+    # The data position after the last finished step: a signal while the next batches load leaves the loader
+    # ahead of the model, so a checkpoint saved then must not take the loader's live state.
+    data_state, skips_state = data.loader.state_dict(), data.skips.state_dict()
+
     def save(directory: Path, rng: Any) -> Path:
         extra = {st.STATE_FILE: st.serialize_state({
             "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "data": data.loader.state_dict(), "skips": data.skips.state_dict(), "rng": rng,
+            "data": data_state, "skips": skips_state, "rng": rng,
             "samples_seen": samples_seen, "tokens_seen": tokens_seen, "best_val_loss": best_val,
-            "best_dir": str(best_dir) if best_dir else None, "train_config": cfg.to_dict(),
+            "best_dir": str(best_dir) if best_dir else None, "best_val_seen": best_seen,
+            "train_config": cfg.to_dict(),
         })}
         return save_model(model, directory, tokenizer=tokenizer, extra_files=extra)
 
@@ -191,110 +180,137 @@ def _train(model_cfg: VLMConfig, cfg: TrainConfig, callback: TrainCallback, info
     last_loss: float | None = None
     val_loss: float | None = None
     nonfinite_in_row = nonfinite_total = 0
-    interrupted = False
-    with _StopFlag() as stop:
+    rng_after_step = st.capture_rng()  # single process: what a save after an interrupted data wait records
+    saved: tuple[int, Path] | None = None  # (step, directory) of the last checkpoint written
+    try:
         while step < cfg.max_steps:
+            # Between steps a signal stops at once (nothing is half done), except under DDP where the ranks stop
+            # together after a step; a second signal (`forced`) stops at once, even mid-step, without saving.
             t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
-            t_data = time.perf_counter() - t0
-            local_tokens = sum(int(loss_targets(b)[1].sum()) for b in micro)
-            global_tokens = all_reduce_sum(local_tokens, info, device)
-            scale = info.world_size / max(global_tokens, 1.0)  # DDP averages gradients over ranks
-            loss_sum = 0.0
-            for i, batch in enumerate(micro):
-                batch = batch.to(device, non_blocking=True)
-                sync = i == len(micro) - 1
-                ctx = ddp_model.no_sync() if (ddp_model is not None and not sync) else contextlib.nullcontext()
-                with ctx:
-                    with _autocast(device):
-                        batch_loss = ddp_model(batch) if ddp_model is not None else model.loss(batch).loss_sum
-                    (batch_loss * scale).backward()
-                loss_sum += float(batch_loss.detach())
-            step_loss = all_reduce_sum(loss_sum, info, device) / max(global_tokens, 1.0)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm))
-            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-            if finite:
-                optimizer.step()
-                nonfinite_in_row = 0
-            else:
-                nonfinite_in_row += 1
-                nonfinite_total += 1
-                log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); step skipped",
-                            step + 1, step_loss, grad_norm)
-                if nonfinite_in_row >= cfg.max_nonfinite_steps:
-                    raise TrainingError(f"{nonfinite_in_row} non-finite steps in a row at step {step + 1}; lower the "
-                                        "learning rates or check the data (see metrics.jsonl)")
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            n_samples = int(all_reduce_sum(sum(b.n_samples for b in micro), info, device))
-            n_tok = int(all_reduce_sum(sum(b.n_tokens for b in micro), info, device))
-            samples_seen += n_samples
-            tokens_seen += n_tok
-            dt = time.perf_counter() - t0
-            last_loss = step_loss if finite else last_loss
-            metrics = StepMetrics(
-                step=step, loss=step_loss, lr={g["name"]: g["lr"] for g in optimizer.param_groups},
-                grad_norm=grad_norm, tokens_per_s=n_tok / dt, samples_per_s=n_samples / dt,
-                data_wait_fraction=t_data / dt, memory=memory_snapshot(device), step_time_s=dt,
-                samples_seen=samples_seen, skipped_nonfinite=nonfinite_total,
-            )
-            line = metrics.to_dict()
-            if cfg.eval_interval and step % cfg.eval_interval == 0 and data.final_eval is not None:
-                if info.is_main:
-                    line["eval"] = data.final_eval(model, device)
-                    model.train()
-                barrier(info)
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(line) + "\n")
-                metrics_file.flush()
-            callback.on_step(metrics)
-            if step % cfg.validation_steps == 0 or step == cfg.max_steps:
-                val_loss = validation_loss(model, data.validation, device, info)
-                if val_loss is not None:
-                    callback.on_validation(step, val_loss)
-            stop_now = bool(all_reduce_sum(float(stop.requested), info, device))
-            if step % cfg.save_checkpoint_steps == 0 or stop_now:
-                is_best = val_loss is not None and (best_val is None or val_loss < best_val) \
-                    and step % cfg.validation_steps == 0
-                if is_best:
-                    best_val = val_loss
-                    best_dir = run_dir / "checkpoints" / f"step-{step:06d}"
-                rng_for_save = gathered_rng()  # a collective under DDP: every rank joins
-                if info.is_main:
-                    path = _save_step(save, run_dir, step, rng_for_save)
-                    st.prune_checkpoints(run_dir, cfg.keep_last_checkpoints, best_dir)
-                    callback.on_checkpoint(step, str(path))
-                barrier(info)
-            if stop_now:
-                interrupted = True
-                break
-    if metrics_file is not None:
-        metrics_file.close()
+            with stop.deferred() if info.enabled else contextlib.nullcontext():
+                micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+            with stop.deferred():
+                data_state, skips_state = data.loader.state_dict(), data.skips.state_dict()
+                t_data = time.perf_counter() - t0
+                local_tokens = sum(int(loss_targets(b)[1].sum()) for b in micro)
+                global_tokens = all_reduce_sum(local_tokens, info, device)
+                scale = info.world_size / max(global_tokens, 1.0)  # DDP averages gradients over ranks
+                loss_sum = 0.0
+                for i, batch in enumerate(micro):
+                    batch = batch.to(device, non_blocking=True)
+                    sync = i == len(micro) - 1
+                    ctx = ddp_model.no_sync() if (ddp_model is not None and not sync) else contextlib.nullcontext()
+                    with ctx:
+                        with _autocast(device):
+                            batch_loss = ddp_model(batch) if ddp_model is not None else model.loss(batch).loss_sum
+                        (batch_loss * scale).backward()
+                    loss_sum += float(batch_loss.detach())
+                step_loss = all_reduce_sum(loss_sum, info, device) / max(global_tokens, 1.0)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm))
+                finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+                if finite:
+                    optimizer.step()
+                    nonfinite_in_row = 0
+                else:
+                    nonfinite_in_row += 1
+                    nonfinite_total += 1
+                    log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); step skipped",
+                                step + 1, step_loss, grad_norm)
+                    if nonfinite_in_row >= cfg.max_nonfinite_steps:
+                        raise TrainingError(f"{nonfinite_in_row} non-finite steps in a row at step {step + 1}; lower "
+                                            "the learning rates or check the data (see metrics.jsonl)")
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                n_samples = int(all_reduce_sum(sum(b.n_samples for b in micro), info, device))
+                n_tok = int(all_reduce_sum(sum(b.n_tokens for b in micro), info, device))
+                samples_seen += n_samples
+                tokens_seen += n_tok
+                dt = time.perf_counter() - t0
+                last_loss = step_loss if finite else last_loss
+                metrics = StepMetrics(
+                    step=step, loss=step_loss, lr={g["name"]: g["lr"] for g in optimizer.param_groups},
+                    grad_norm=grad_norm, tokens_per_s=n_tok / dt, samples_per_s=n_samples / dt,
+                    data_wait_fraction=t_data / dt, memory=memory_snapshot(device), step_time_s=dt,
+                    samples_seen=samples_seen, skipped_nonfinite=nonfinite_total,
+                )
+                line = metrics.to_dict()
+                if cfg.eval_interval and step % cfg.eval_interval == 0 and data.final_eval is not None:
+                    if info.is_main:
+                        line["eval"] = data.final_eval(model, device)
+                        model.train()
+                    barrier(info)
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(line) + "\n")
+                    metrics_file.flush()
+                callback.on_step(metrics)
+                validated = False
+                if step % cfg.validation_steps == 0 or step == cfg.max_steps:
+                    val_loss = validation_loss(model, data.validation, device, info)
+                    if val_loss is not None:
+                        validated = True
+                        best_seen = val_loss if best_seen is None else min(best_seen, val_loss)
+                        callback.on_validation(step, val_loss)
+                stop_now = bool(all_reduce_sum(float(stop.requested), info, device))
+                if step % cfg.save_checkpoint_steps == 0 or stop_now:
+                    if validated and step % cfg.validation_steps == 0 and (best_val is None or val_loss < best_val):
+                        best_val = val_loss
+                        best_dir = run_dir / "checkpoints" / f"step-{step:06d}"
+                    rng_for_save = gathered_rng()  # a collective under DDP: every rank joins
+                    if info.is_main:
+                        saved = (step, _save_step(save, run_dir, step, rng_for_save))
+                        st.prune_checkpoints(run_dir, cfg.keep_last_checkpoints, best_dir)
+                        if not stop_now:  # an interrupted run names its checkpoint once, in its last line
+                            callback.on_checkpoint(step, str(saved[1]))
+                    barrier(info)
+                if stop_now:
+                    break
+                if not info.enabled:
+                    rng_after_step = st.capture_rng()
+    except TrainingInterrupted as exc:
+        if exc.forced or step == 0:
+            raise
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+    interrupted = stop.requested
     final_dir: Path | None = None
-    rng_final = gathered_rng()
-    if info.is_main:
-        final_dir = _save_step(save, run_dir, step, rng_final, name="final") if not interrupted \
-            else st.checkpoint_dirs(run_dir)[-1]
-    barrier(info)
+    with stop.deferred():
+        if interrupted and info.is_main and (saved is None or saved[0] != step):
+            # Single process, stopped while the next batches loaded: save what the last finished step left.
+            saved = (step, _save_step(save, run_dir, step, rng_after_step))
+            st.prune_checkpoints(run_dir, cfg.keep_last_checkpoints, best_dir)
+        rng_final = gathered_rng()
+        if info.is_main:
+            final_dir = saved[1] if interrupted and saved is not None else \
+                _save_step(save, run_dir, step, rng_final, name="final")
+        barrier(info)
     wall = time.perf_counter() - t_start
     summary = TrainSummary(
         run_dir=str(run_dir), steps=step, samples_seen=samples_seen, tokens_seen=tokens_seen,
         skipped=data.skips.all_reduced().as_dict(),
-        final_loss=last_loss, best_val_loss=best_val, final_val_loss=val_loss, wall_time_s=wall,
+        final_loss=last_loss, best_val_loss=best_seen, final_val_loss=val_loss, wall_time_s=wall,
         samples_per_s=samples_seen / wall, tokens_per_s=tokens_seen / wall,
         final_checkpoint=str(final_dir) if final_dir else None, interrupted=interrupted, dataset=cfg.dataset,
-        nonfinite_steps=nonfinite_total,
+        nonfinite_steps=nonfinite_total, interrupted_by=signal_name(stop.signum) if stop.signum else None,
+        max_steps=cfg.max_steps, start_step=start_step,
     )
     if info.is_main and not interrupted:
-        summary.eval = data.final_eval(model, device) if data.final_eval is not None else None
+        if data.final_eval is not None:
+            t_eval = time.perf_counter()
+            try:  # nothing is lost by stopping here: the final checkpoint is written
+                summary.eval = data.final_eval(model, device)
+            except TrainingInterrupted as exc:
+                summary.interrupted, summary.interrupted_by = True, signal_name(exc.signum)
+                summary.interrupted_during = "evaluation"
+            summary.eval_time_s = time.perf_counter() - t_eval
         (run_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
         if final_dir is not None:
             (final_dir / "training_summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
             if summary.eval:
                 (final_dir / "eval_results.json").write_text(json.dumps(summary.eval, indent=2) + "\n")
-        if cfg.hf_repo_name:
+        if cfg.hf_repo_name and not summary.interrupted:
             from nanovlm_cli.hub import push_checkpoint
 
             push_checkpoint(final_dir, cfg.hf_repo_name)

@@ -52,9 +52,9 @@ class TrainSummary:
     tokens_seen: int
     skipped: dict[str, int]
     final_loss: float | None
-    best_val_loss: float | None
-    final_val_loss: float | None
-    wall_time_s: float
+    best_val_loss: float | None  # the lowest validation loss of the run
+    final_val_loss: float | None  # the last validation loss
+    wall_time_s: float  # training (setup, steps, validation, saves), not the end-of-run evaluation
     samples_per_s: float
     tokens_per_s: float
     final_checkpoint: str | None
@@ -62,6 +62,11 @@ class TrainSummary:
     dataset: str | None = None
     eval: dict[str, Any] | None = None
     nonfinite_steps: int = 0
+    interrupted_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run
+    interrupted_during: str | None = None  # "evaluation" when training had finished and only the evaluation stopped
+    eval_time_s: float | None = None  # the end-of-run evaluation, after `wall_time_s` of training
+    max_steps: int | None = None
+    start_step: int = 0  # the step this process started at (0, or the resumed checkpoint's step)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
