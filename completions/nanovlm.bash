@@ -25,8 +25,7 @@ _nanovlm() {
         generate)
             case "$prev" in
                 --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return 0 ;;
-                --image) COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
-                --checkpoint|-c|--max-new-tokens|--temperature|--top-k|--top-p|--num-generations|-n|--seed|--device) COMPREPLY=(); return 0 ;;
+                --checkpoint|-c|--image|--max-new-tokens|--temperature|--top-k|--top-p|--num-generations|-n|--seed|--device) COMPREPLY=(); return 0 ;;
             esac
             opts="--checkpoint -c --image --max-new-tokens --temperature --top-k --top-p --greedy --num-generations -n --seed --device --dtype --compile --json --help -h" ;;
         eval)
@@ -43,7 +42,7 @@ _nanovlm() {
                 --plot) COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
                 --batch-sizes|--checkpoint|-c|--seq-len|--images-per-sample|--max-batch-size-for|--device) COMPREPLY=(); return 0 ;;
             esac
-            opts="--batch-sizes --preset --checkpoint -c --seq-len --images-per-sample --freeze-vision-encoder --no-freeze-vision-encoder --gradient-checkpointing --no-gradient-checkpointing --compile --no-compile --max-batch-size-for --stop-on-oom --no-stop-on-oom --plot --device --json --help -h" ;;
+            opts="--batch-sizes --preset --checkpoint -c --seq-len --images-per-sample --freeze-vision-encoder --no-freeze-vision-encoder --gradient-checkpointing --no-gradient-checkpointing --compile --no-compile --max-batch-size-for --stop-on-oom --no-stop-on-oom --plot --estimate-only --measure-all --device --json --help -h" ;;
         validate)
             case "$prev" in
                 --device) COMPREPLY=(); return 0 ;;

@@ -21,7 +21,6 @@ COMMANDS = ["train", "generate", "eval", "vram", "validate", "push"]
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """Run the real app in-process: returns (exit code, stdout, stderr)."""
-    monkeypatch.setenv("COLUMNS", "250")  # wide help, so option names are never truncated
     monkeypatch.delenv("NANOVLM_DEBUG", raising=False)
 
     def invoke(*args: str):
@@ -150,8 +149,9 @@ def test_lr_backbones_sets_both_unless_one_is_given(cli):
 
 
 def test_original_resume_spelling(cli, tmp_path):
-    train = dry_run_json(cli, "--preset", "tiny", "--resume_from_vlm_checkpoint", "--vlm_checkpoint_path",
-                         str(tmp_path))["train"]
+    saved = dry_run_json(cli, "--preset", "tiny")  # a run directory: what the training loop writes first
+    (tmp_path / "run_config.json").write_text(json.dumps({"model": saved["model"], "train": saved["train"]}))
+    train = dry_run_json(cli, "--resume_from_vlm_checkpoint", "--vlm_checkpoint_path", str(tmp_path))["train"]
     assert train["resume"] == str(tmp_path)
     code, _, err = cli("train", "--dry-run", "--resume_from_vlm_checkpoint")
     assert code == 1 and "--vlm_checkpoint_path" in err

@@ -119,3 +119,19 @@ def test_readme_setup_commands_presets_and_config_example(tmp_path):
     (tmp_path / "run.toml").write_text(example)
     model, train = resolve_run_config("default", config_file=str(tmp_path / "run.toml"))
     assert (train.batch_size, train.lr_vision, model.image.max_grid) == (8, 1e-5, 4)
+
+
+def test_man_page_lists_every_original_spelling_and_every_command_example(generated):
+    from nanovlm_cli.cli.docs import COMMAND_EXAMPLES
+    from nanovlm_cli.cli.options import ALIASES
+
+    page = generated["man/nanovlm.1"].replace("\\-", "-").replace("\\e", "\\")
+    compatibility = page.split(".SH COMPATIBILITY")[1].split(".SH ")[0]
+    for command, table in ALIASES.items():
+        section = compatibility.split(f'.SS "nanovlm {command}"')[1].split(".SS ")[0]
+        for name in table:
+            assert "--" + name[2:].replace("-", "_") in section, f"{name} of {command} missing from COMPATIBILITY"
+    for examples in COMMAND_EXAMPLES.values():
+        for _, line in examples:
+            assert line in page
+    assert ".nh" in page.splitlines()[:4]  # no hyphenation: option names are never split

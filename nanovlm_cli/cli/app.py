@@ -25,12 +25,14 @@ from nanovlm_cli import __version__
 from nanovlm_cli.cli import eval as eval_cmd
 from nanovlm_cli.cli import generate, push, train, validate, vram
 from nanovlm_cli.cli.console import err, print_error, setup_logging
-from nanovlm_cli.cli.options import NanoCommand
+from nanovlm_cli.cli.options import NanoCommand, NanoGroup
 from nanovlm_cli.errors import NanoVLMError
 
 PROG = "nanovlm"
 HELP = "Train, fine-tune, evaluate and run small vision-language models in pure PyTorch."
-EPILOG = "Options also accept their underscore spelling (--batch_size for --batch-size). Docs: README.md, man nanovlm."
+EPILOG = ("Options also accept their underscore spelling (--batch_size for --batch-size) and the original nanoVLM's "
+          "names (--use_preset, --vlm_checkpoint_path: see COMPATIBILITY in the manual). Manual: man nanovlm (installed "
+          "with the package; in a source checkout: man -l man/nanovlm.1). More: README.md.")
 
 
 @dataclass
@@ -51,7 +53,7 @@ def _version(value: bool) -> None:
 
 
 app = typer.Typer(
-    name=PROG, help=HELP, epilog=EPILOG, no_args_is_help=True, add_completion=False,
+    name=PROG, help=HELP, epilog=EPILOG, no_args_is_help=True, add_completion=False, cls=NanoGroup,
     pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]},
 )
 

@@ -25,9 +25,45 @@ EXAMPLES = [
     ("Score a checkpoint on MMStar and keep a per-sample ledger:",
      "nanovlm eval runs/my-run/final --benchmark mmstar --output results/"),
     ("Peak training memory for four batch sizes:", "nanovlm vram --preset default --batch-sizes 1 2 4 8"),
-    ("Check a checkpoint, then publish it:",
-     "nanovlm validate runs/my-run/final && nanovlm push runs/my-run/final user/my-vlm"),
+    ("Check a checkpoint, then publish it:", "nanovlm validate runs/run/final && nanovlm push runs/run/final me/vlm"),
 ]
+# Shown under "Examples" in each command's --help and in the man page; a test parses every one with the real
+# command, so none can rot.
+COMMAND_EXAMPLES: dict[str, list[tuple[str, str]]] = {
+    "train": [
+        ("Train the ~1M-parameter model on the built-in shapes dataset (CPU, offline):", "nanovlm train --preset tiny"),
+        ("Show the resolved configs as JSON without loading anything:",
+         "nanovlm train --preset dinov3_gemma --batch-size 4 --dry-run --json"),
+        ("Resume an interrupted run (weights, optimizer, schedule, data position):",
+         "nanovlm train --resume runs/my-run/checkpoints/step-000500"),
+    ],
+    "generate": [
+        ("Answer a question about an image:", 'nanovlm generate photo.jpg "What is in this image?"'),
+        ("Three sampled answers from your own checkpoint:",
+         'nanovlm generate photo.jpg "Describe it." -c runs/run/final -n 3'),
+    ],
+    "eval": [
+        ("Score a checkpoint on MMStar and keep a per-sample ledger:",
+         "nanovlm eval runs/my-run/final --benchmark mmstar --output results/"),
+        ("Short answers on the built-in shapes set:", "nanovlm eval runs/my-run/final --benchmark shapes-open"),
+        ("lmms-eval tasks:", "nanovlm eval lusxvr/nanoVLM-450M --backend lmms-eval --tasks mmstar,mme"),
+    ],
+    "vram": [
+        ("Peak training memory for four batch sizes:", "nanovlm vram --preset default --batch-sizes 1 2 4 8"),
+        ("The largest batch size of a checkpoint that fits in 24 GiB:",
+         "nanovlm vram -c runs/my-run/final --batch-sizes 1 2 --max-batch-size-for 24"),
+    ],
+    "validate": [
+        ("Check files, config, tokenizer and weights, without the generation smoke test:",
+         "nanovlm validate runs/my-run/final --no-generate"),
+        ("Publish only a sound checkpoint:", "nanovlm validate runs/run/final && nanovlm push runs/run/final me/vlm"),
+    ],
+    "push": [
+        ("Write the upload and its model card to a folder to review them, uploading nothing:",
+         "nanovlm push runs/my-run/final user/my-vlm --dry-run card/"),
+        ("Publish privately to a branch:", "nanovlm push runs/my-run/final user/my-vlm --private --revision exp-1"),
+    ],
+}
 ENVIRONMENT = [
     ("NANOVLM_DEBUG", "Set to 1 to show full tracebacks and debug logs, like --debug."),
     ("HF_TOKEN", "Hugging Face token used by push and to download gated backbones."),
@@ -57,6 +93,9 @@ class ParamDoc:
     default: str | None
     is_argument: bool = False
     multiple: bool = False
+    panel: str | None = None  # the help section (rich_help_panel); None: the default "Options"
+    range: str | None = None  # "at least 1", "between 0 and 1" for bounded numbers
+    required: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,7 +122,8 @@ def _annotation(param: Any) -> Any:
     return annotation
 
 
-def _param_doc(param: Any) -> ParamDoc | None:
+def param_doc(param: Any) -> ParamDoc | None:
+    """The record of one click parameter (None for hidden ones and --help)."""
     if getattr(param, "hidden", False) or "--help" in getattr(param, "opts", ()):
         return None
     descriptor = getattr(param, "type_descriptor", None)
@@ -109,16 +149,28 @@ def _param_doc(param: Any) -> ParamDoc | None:
     names = (param.metavar or param.name.upper(),) if is_argument else tuple(dict.fromkeys(param.opts))
     return ParamDoc(names=names, negations=tuple(getattr(param, "secondary_opts", ())), metavar=metavar,
                     choices=choices, is_path=is_path, help=" ".join((param.help or "").split()), default=default,
-                    is_argument=is_argument, multiple=bool(getattr(param, "multiple", False)))
+                    is_argument=is_argument, multiple=bool(getattr(param, "multiple", False)),
+                    panel=getattr(param, "rich_help_panel", None), range=_range(param),
+                    required=bool(param.required))
+
+
+def _range(param: Any) -> str | None:
+    """"at least 1" / "at most 1" / "between 0 and 1" for an option with min/max bounds."""
+    low, high = getattr(param, "min", None), getattr(param, "max", None)
+    if low is not None and high is not None:
+        return f"between {low:g} and {high:g}"
+    if low is not None:
+        return f"at least {low:g}"
+    return f"at most {high:g}" if high is not None else None
 
 
 def describe(group: Any) -> tuple[tuple[ParamDoc, ...], tuple[CommandDoc, ...]]:
     """(global options, commands) of the click group behind the Typer app, in registration order."""
-    global_opts = tuple(d for d in (_param_doc(p) for p in group.params) if d is not None)
+    global_opts = tuple(d for d in (param_doc(p) for p in group.params) if d is not None)
     commands = []
     for name, cmd in group.commands.items():
         text = (cmd.help or "").strip()
-        params = tuple(d for d in (_param_doc(p) for p in cmd.params) if d is not None)
+        params = tuple(d for d in (param_doc(p) for p in cmd.params) if d is not None)
         commands.append(CommandDoc(name=name, summary=text.splitlines()[0] if text else "", help=text, params=params))
     return global_opts, tuple(commands)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 try:  # typer >= 0.2x vendors click
     from typer._click.exceptions import UsageError
@@ -221,6 +221,11 @@ class NanoCommand(TyperCommand):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         return super().parse_args(ctx, self.translate(ctx, args))
 
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from nanovlm_cli.cli.help import render_help
+
+        formatter.write(render_help(self, ctx))
+
     def translate(self, ctx: Any, args: list[str]) -> list[str]:
         """`args` with underscore and original-nanoVLM spellings rewritten to this command's own (see ALIASES)."""
         known, counts = self._known_options(), self._value_counts()
@@ -333,6 +338,15 @@ class NanoCommand(TyperCommand):
         if following in _BOOL_WORDS:
             raise UsageError(f"{written} is a flag and takes no value: write {written} alone (or leave it out), "
                              f"not {written} {following}", ctx)
+
+
+class NanoGroup(TyperGroup):
+    """The `nanovlm` group: its help is rendered like every command's (`cli/help.py`)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from nanovlm_cli.cli.help import render_help
+
+        formatter.write(render_help(self, ctx))
 
 
 # --- Shared by several commands ---------------------------------------------------------------------------
