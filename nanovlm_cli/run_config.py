@@ -6,11 +6,17 @@ Each layer only names what it changes, and later layers win: a preset gives comp
 preset's), and command-line flags set single training fields. The result is built through the dataclasses, so an
 impossible value fails here, before any weight is loaded, with a message naming the field. No torch import, no
 mutation of the preset: `nanovlm train --dry-run` prints exactly what a run would use.
+
+A resumed run (`resolve_resume_config`) starts instead from the run's own saved configs (`run_config.json`), so
+`nanovlm train --resume DIR` alone continues the run as it was; the config file and flags given still override
+single training fields, and the log names each change.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from nanovlm_cli.config import TrainConfig, VLMConfig, check_field_types, load_json_config
@@ -19,6 +25,7 @@ from nanovlm_cli.presets import get_preset, with_backbones
 
 TRAIN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(TrainConfig))
 BACKBONE_KEYS: tuple[str, ...] = ("vision_encoder", "dinov3_model", "language_model")
+log = logging.getLogger(__name__)
 
 # Optional text fields where the string "None" (as the original repository's scripts pass it) means "unset".
 NULLABLE_TEXT_FIELDS: frozenset[str] = frozenset(
@@ -115,4 +122,79 @@ def resolve_run_config(
         model = _build_model(_deep_merge(model.to_dict(), file_model), explicit)
     train_data = {**chosen.train.to_dict(), **file_train, **_clean_overrides(overrides or {})}
     train = TrainConfig.from_dict(train_data)
+    return model, train
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+RUN_CONFIG_FILE = "run_config.json"  # written by the training loop into every run directory
+TRAINING_STATE_FILE = "training_state.pt"  # the training loop's checkpoint state (see training.state)
+
+
+def runs_in(directory: Path) -> list[Path]:
+    """Run directories directly inside `directory` (each holds a run_config.json), oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted((p for p in directory.iterdir() if (p / RUN_CONFIG_FILE).is_file()),
+                  key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def find_run_dir(resume: str | Path) -> Path:
+    """The run directory `--resume PATH` points into: PATH itself, or the run above a checkpoint inside it.
+
+    An output directory that holds runs (or anything else) raises `ConfigError` naming the runs found there.
+    """
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(f"--resume {resume}: no such directory; pass a run directory of `nanovlm train` "
+                          "(OUTPUT_DIR/RUN_NAME) or one of its checkpoints")
+    if (path / TRAINING_STATE_FILE).is_file():  # a checkpoint: <run>/checkpoints/step-N or <run>/final
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        if (run_dir / RUN_CONFIG_FILE).is_file():
+            return run_dir
+    if (path / RUN_CONFIG_FILE).is_file():
+        return path
+    runs = runs_in(path)
+    if runs:
+        names = ", ".join(p.name for p in runs[-5:]) + (f" and {len(runs) - 5} older" if len(runs) > 5 else "")
+        raise ConfigError(f"--resume {resume} is an output directory holding {len(runs)} run(s) ({names}), not a "
+                          f"run; pass one of them, e.g. --resume {runs[-1]}")
+    raise ConfigError(f"--resume {resume} holds no {RUN_CONFIG_FILE}: it is not a run directory of `nanovlm train` "
+                      "nor a checkpoint inside one; pass OUTPUT_DIR/RUN_NAME")
+
+
+def resolve_resume_config(
+    resume: str | Path,
+    *,
+    config_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[VLMConfig, TrainConfig]:
+    """The (model, train) configs to resume `resume` with: the run's own saved configs, then the config file's
+    training fields, then the flags given (`overrides`, None = not given). Each field changed from the saved value
+    is logged. The model is the checkpoint's: a config file with a model table or backbone fields raises."""
+    run_dir = find_run_dir(resume)
+    saved = load_json_config(str(run_dir / RUN_CONFIG_FILE))
+    if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict) or "model" not in saved:
+        raise ConfigError(f"{run_dir / RUN_CONFIG_FILE} has no 'model' and 'train' tables; it was not written by "
+                          "`nanovlm train`: start a fresh run")
+    changes: dict[str, Any] = {}
+    if config_file is not None:
+        file_train, file_model, file_backbones = _split_config_file(str(config_file))
+        if file_model or file_backbones:
+            raise ConfigError(f"config file {config_file} changes the model ({', '.join([*file_backbones, *file_model])}"
+                              "), but a resumed run keeps its checkpoint's model; drop those fields or start a "
+                              "fresh run")
+        changes.update(file_train)
+    changes.update(_clean_overrides(overrides or {}))
+    changes["resume"] = str(resume)
+    train = TrainConfig.from_dict({**saved["train"], **changes})
+    model = VLMConfig.from_dict(saved["model"])
+    changed = {k: (saved["train"].get(k), v) for k, v in train.to_dict().items()
+               if k in changes and k != "resume" and saved["train"].get(k) != v}
+    if changed:
+        log.info("resuming %s with its saved training config, except (from the command line%s): %s", run_dir,
+                 " and the config file" if config_file else "",
+                 ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+    else:
+        log.info("resuming %s with its saved training config", run_dir)
     return model, train

@@ -17,6 +17,7 @@ from nanovlm_cli.cli.dashboard import Dashboard
 from nanovlm_cli.cli.progress import (
     LogProgress,
     SilentProgress,
+    end_line,
     format_bytes,
     format_duration,
     progress_callback,
@@ -70,7 +71,8 @@ def visible(stream: io.StringIO) -> str:
 def summary(steps: int, interrupted: bool = False, checkpoint: str | None = "runs/demo/final") -> TrainSummary:
     return TrainSummary(run_dir="runs/demo", steps=steps, samples_seen=steps * 32, tokens_seen=steps * 1000,
                         skipped={}, final_loss=1.0, best_val_loss=None, final_val_loss=None, wall_time_s=151.0,
-                        samples_per_s=1.0, tokens_per_s=1.0, final_checkpoint=checkpoint, interrupted=interrupted)
+                        samples_per_s=1.0, tokens_per_s=1.0, final_checkpoint=checkpoint, interrupted=interrupted,
+                        interrupted_by="SIGINT" if interrupted else None, max_steps=600)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -218,15 +220,20 @@ def test_plain_log_writes_a_line_per_validation_and_checkpoint():
 
 
 @pytest.mark.parametrize("mode", ["plain", "dashboard"])
-def test_interrupted_run_ends_with_one_line_naming_the_checkpoint(mode):
+def test_interrupted_run_ends_with_one_line_naming_the_checkpoint_once(mode):
     stream = io.StringIO()
     console = Console(file=stream, force_terminal=mode == "dashboard", width=200)
     callback = LogProgress(10, console) if mode == "plain" else Dashboard(console)
     callback.on_start(run_info())
     callback.on_end(summary(123, interrupted=True, checkpoint="runs/demo/checkpoints/step-000123"))
     assert visible(stream).rstrip().splitlines()[-1] == (
-        "interrupted at step 123: checkpoint saved to runs/demo/checkpoints/step-000123; "
+        "interrupted by Ctrl-C (SIGINT) at step 123/600; checkpoint saved, "
         "resume with: nanovlm train --resume runs/demo/checkpoints/step-000123")
+
+
+def test_resume_command_quotes_a_checkpoint_path_with_spaces():
+    line = end_line(summary(5, interrupted=True, checkpoint="my runs/a b/checkpoints/step-000005"))
+    assert line.endswith("resume with: nanovlm train --resume 'my runs/a b/checkpoints/step-000005'")
 
 
 # --------------------------------------------------------------------------------------------------- selection
@@ -286,13 +293,20 @@ def test_train_without_a_terminal_logs_plain_lines_and_prints_the_summary(fake_t
     code, out, err, callback = fake_training(summary(2))
     assert code == 0 and type(callback) is LogProgress and callback.interval == 1
     assert "step 1/2 | loss 2.0000" in err and "step 2/2 | loss 1.0000" in err
-    assert "final_checkpoint" in out and "step 1/2" not in out  # progress on stderr, results on stdout
+    assert "model: runs/demo/final" in out and "step 1/2" not in out  # progress on stderr, results on stdout
+    code, out, _, _ = fake_training(summary(2), "--json")
+    assert code == 0 and json.loads(out)["final_checkpoint"] == "runs/demo/final"  # the raw record
 
 
-def test_train_interrupted_exits_zero_with_one_line_naming_the_checkpoint(fake_training):
+@pytest.mark.parametrize(("signal_name", "exit_code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_train_interrupted_exits_128_plus_the_signal_with_one_line_naming_the_checkpoint(fake_training, signal_name,
+                                                                                         exit_code):
     checkpoint = "runs/demo/checkpoints/step-000002"
-    code, out, err, _ = fake_training(summary(2, interrupted=True, checkpoint=checkpoint))
-    assert code == 0 and out == ""
-    assert err.rstrip().splitlines()[-1].startswith(f"interrupted at step 2: checkpoint saved to {checkpoint}")
-    code, out, _, _ = fake_training(summary(2, interrupted=True, checkpoint=checkpoint), "--json")
-    assert code == 0 and json.loads(out)["interrupted"] is True
+    result = summary(2, interrupted=True, checkpoint=checkpoint)
+    result.interrupted_by = signal_name
+    code, out, err, _ = fake_training(result)
+    assert code == exit_code and out == ""
+    assert err.rstrip().splitlines()[-1].endswith(f"resume with: nanovlm train --resume {checkpoint}")
+    assert err.count(checkpoint) == 1
+    code, out, _, _ = fake_training(result, "--json")
+    assert code == exit_code and json.loads(out)["interrupted_by"] == signal_name

@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,18 +30,58 @@ err = Console(stderr=True, highlight=False)  # progress, logs, errors
 NOT_IMPLEMENTED_EXIT_CODE = 2
 
 
-def setup_logging(debug: bool) -> None:
-    """Route `logging` (the library logs, never prints) to stderr through Rich; DEBUG level with --debug."""
+class PlainLogHandler(logging.StreamHandler):
+    """One line per record on the current `sys.stderr`: `23:22:41 INFO message`, never wrapped to a width, no
+    padding, newlines inside a message folded; what a log file, `| tee` or CI gets instead of Rich's columns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:  # looked up at each record, so a redirected sys.stderr (tests, capture) is honoured
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+    def format(self, record: logging.LogRecord) -> str:
+        return " | ".join(line.rstrip() for line in super().format(record).splitlines() if line.strip())
+
+
+def setup_logging(debug: bool, *, console: Console | None = None) -> None:
+    """Route `logging` (the library logs, never prints) to stderr; DEBUG level with --debug.
+
+    On a terminal through Rich (columns, colours); otherwise plain lines (`PlainLogHandler`), and the progress bars
+    of `datasets` / `huggingface_hub` are switched off, since their carriage returns make a log file unreadable.
+    """
+    console = console or err
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_nanovlm", False):
             root.removeHandler(handler)
-    handler = RichHandler(console=err, show_path=debug, rich_tracebacks=False, markup=False)
+    if console.is_terminal and not console.is_dumb_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=debug, rich_tracebacks=False, markup=False)
+    else:
+        handler = PlainLogHandler()
+        _disable_progress_bars()
     handler._nanovlm = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _disable_progress_bars() -> None:
+    """No carriage-return progress bars from `datasets` / `huggingface_hub` (read from the environment when they are
+    imported; switched off directly when they already are). A user's own setting of the variables wins."""
+    for name in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(name, "1")
+    if "datasets" in sys.modules and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1":
+        sys.modules["datasets"].disable_progress_bars()
+    if "huggingface_hub" in sys.modules and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        importlib.import_module("huggingface_hub.utils").disable_progress_bars()
 
 
 def print_error(message: str) -> None:

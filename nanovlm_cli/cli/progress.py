@@ -11,8 +11,10 @@ checkpoint) and the same formatters, so a log file and the dashboard state the s
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import shlex
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -171,13 +173,118 @@ def run_header(info: Any) -> str:
             f"{info.n_params_trainable:,} trainable / {info.n_params_frozen:,} frozen parameters{resumed}")
 
 
+SIGNAL_WORDS = {"SIGINT": "Ctrl-C (SIGINT)", "SIGTERM": "SIGTERM"}
+
+
+def interrupted_exit_code(signal_name: str | None) -> int:
+    """128 + the signal number (130 for SIGINT, 143 for SIGTERM), the shell's convention; 130 if unknown."""
+    import signal
+
+    try:
+        return 128 + signal.Signals[signal_name or "SIGINT"].value
+    except KeyError:
+        return 130
+
+
 def end_line(summary: Any) -> str:
-    """The last line of a run: where the checkpoint is when interrupted, else steps and time."""
+    """The last line of a run: the command that resumes it when interrupted (naming the checkpoint once), else
+    steps and time, with the end-of-run evaluation's time apart."""
+    steps = f"{summary.steps}/{summary.max_steps}" if getattr(summary, "max_steps", None) else f"{summary.steps}"
     if getattr(summary, "interrupted", False):
-        where = summary.final_checkpoint
-        resume = f"; resume with: nanovlm train --resume {where}" if where else ""
-        return f"interrupted at step {summary.steps}: checkpoint saved to {where}{resume}"
-    return f"done: {summary.steps} steps in {format_duration(summary.wall_time_s)}"
+        by = SIGNAL_WORDS.get(summary.interrupted_by, summary.interrupted_by or "a signal")
+        if getattr(summary, "interrupted_during", None) == "evaluation":
+            return (f"interrupted by {by} during the final evaluation; training finished ({steps} steps) and the "
+                    f"model is saved in {summary.final_checkpoint}")
+        if not summary.final_checkpoint:
+            return f"interrupted by {by} at step {steps}; no checkpoint was saved"
+        return (f"interrupted by {by} at step {steps}; checkpoint saved, resume with: "
+                f"nanovlm train --resume {shlex.quote(summary.final_checkpoint)}")
+    text = f"done: {summary.steps} steps in {format_duration(summary.wall_time_s)}"
+    if getattr(summary, "eval_time_s", None) is not None:
+        text += f", then {format_duration(summary.eval_time_s)} of evaluation"
+    return text
+
+
+# ----------------------------------------------------------------------------------------------- the run summary
+
+# The protocols of the end-of-run evaluation, in the order a reader should trust them: (key in summary.eval,
+# name). The letter protocol sits at chance for small models (see README), so it comes last.
+EVAL_PROTOCOLS = (
+    ("open", "open answer (exact match of the short reply)"),
+    ("rank", "multiple choice by option likelihood"),
+    ("", "multiple choice by generated letter (MMStar)"),
+)
+
+
+def format_score(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def format_count(n: int) -> str:
+    return f"{n:,}"
+
+
+def _columns(rows: list[list[str]], right: set[int]) -> list[str]:
+    """Rows of cells as aligned text lines (two spaces apart, `right` columns right-aligned, no trailing spaces)."""
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(max(map(len, rows)))]
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def eval_lines(evaluation: Mapping[str, Any]) -> list[str]:
+    """The end-of-run evaluation as a table: one row per protocol (named), overall and per-category accuracy."""
+    results = [(name, evaluation if key == "" else evaluation.get(key)) for key, name in EVAL_PROTOCOLS]
+    results = [(name, r) for name, r in results if isinstance(r, Mapping) and "accuracy" in r]
+    if not results:
+        return []
+    categories = sorted({c for _, r in results for c in r.get("by_category", {})})
+    rows = [["protocol", "overall", *categories]]
+    for name, r in results:
+        by = r.get("by_category", {})
+        rows.append([name, format_score(r["accuracy"]), *(format_score(by[c]) if c in by else "-" for c in categories)])
+    n = max(int(r.get("n", 0)) for _, r in results)
+    lines = [f"evaluation on {format_count(n)} held-out {evaluation.get('benchmark', 'benchmark')} questions "
+             "(accuracy, 1.00 = all right):"]
+    lines += ["  " + line for line in _columns(rows, right=set(range(1, len(rows[0]))))]
+    letter = evaluation if "accuracy" in evaluation else None
+    if letter is not None and letter.get("unanswered"):
+        lines.append(f"  generated letter: {format_count(letter['unanswered'])} of {format_count(letter['n'])} "
+                     "replies named no option")
+    return lines
+
+
+def summary_lines(summary: Any) -> list[str]:
+    """The end-of-run summary for a person: what was trained, losses, scores per protocol and category, where the
+    model is. Rounded for reading; the raw record is `summary.json` in the run directory (and `--json`)."""
+    size = f"a {summary.n_params:,}-parameter model " if getattr(summary, "n_params", None) else ""
+    lines = [f"trained {size}for {summary.steps} steps on {summary.dataset or 'the dataset'}: "
+             f"{format_count(summary.samples_seen)} samples, {format_count(summary.tokens_seen)} tokens in "
+             f"{format_duration(summary.wall_time_s)} ({summary.tokens_per_s:,.0f} tokens/s)"
+             + (f", resumed at step {summary.start_step}" if getattr(summary, "start_step", 0) else "")]
+    losses = []
+    if summary.final_loss is not None:
+        losses.append(f"train {format_loss(summary.final_loss)} (last step)")
+    if summary.final_val_loss is not None:
+        losses.append(f"validation {format_loss(summary.final_val_loss)} (last)")
+        if summary.best_val_loss is not None and summary.best_val_loss < summary.final_val_loss:
+            losses.append(f"{format_loss(summary.best_val_loss)} (best)")
+    if losses:
+        lines.append("loss: " + ", ".join(losses))
+    skipped = {k: v for k, v in (summary.skipped or {}).items() if v}
+    if skipped:
+        lines.append(f"skipped {format_count(sum(skipped.values()))} samples: "
+                     + ", ".join(f"{reason} {format_count(n)}" for reason, n in sorted(skipped.items())))
+    if summary.nonfinite_steps:
+        lines.append(f"non-finite steps skipped: {summary.nonfinite_steps}")
+    if summary.eval:
+        lines += eval_lines(summary.eval)
+    if summary.final_checkpoint:
+        lines.append(f"model: {summary.final_checkpoint}")
+    lines.append(f"full record: {summary.run_dir}/summary.json (or --json)")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------- callbacks

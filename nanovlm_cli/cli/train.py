@@ -3,16 +3,21 @@
 Every option defaults to None ("not given") so that only what the user typed overrides the config file and
 the preset; the Python parameter names are the `TrainConfig` field names, which is how the flags are
 collected into overrides. `--dry-run` works without torch: it prints the resolved configs and exits.
+`--resume DIR` starts from the run's own saved configs instead of the preset. An interrupted run (Ctrl-C, SIGTERM)
+saves its checkpoint and exits 128 + the signal number (130, 143), so `nanovlm train ... && nanovlm push ...` never
+publishes a half-trained model.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from nanovlm_cli.cli.console import library_function, mapping_table, out, print_json, print_result
+from nanovlm_cli.cli.arguments import check_device, check_output_dir
+from nanovlm_cli.cli.console import err, library_function, mapping_table, out, print_json
 from nanovlm_cli.cli.options import (
     MEMORY_PANEL,
     CompileOpt,
@@ -26,12 +31,25 @@ from nanovlm_cli.cli.options import (
     VisionEncoderName,
     as_str,
 )
-from nanovlm_cli.cli.progress import is_main_process, progress_callback
+from nanovlm_cli.cli.progress import interrupted_exit_code, is_main_process, progress_callback, summary_lines
 from nanovlm_cli.errors import ConfigError
-from nanovlm_cli.run_config import TRAIN_FIELDS, resolve_run_config
+from nanovlm_cli.run_config import TRAIN_FIELDS, resolve_resume_config, resolve_run_config
+
+log = logging.getLogger(__name__)
 
 M, D, O, F, L, R, C = ("Model", "Data", "Optimisation", MEMORY_PANEL, "Checkpoints, evaluation and logging", "Run",
                        "Compatibility with the original nanoVLM flags")
+
+
+def _check_device(value: str | None) -> str | None:
+    """`--device banana` is a usage error (exit 2) before anything loads; a device this machine lacks is exit 1."""
+    return None if value is None else check_device(value)
+
+
+def _once(record: logging.LogRecord) -> bool:
+    """A log filter: the progress view and the last line name each checkpoint, so the library's own "saved
+    checkpoint to ..." line would report the same path twice."""
+    return not record.getMessage().startswith("saved checkpoint to")
 
 
 def _opt(*names: str, panel: str, help: str, **kwargs) -> typer.Option:
@@ -39,6 +57,7 @@ def _opt(*names: str, panel: str, help: str, **kwargs) -> typer.Option:
 
 
 def train(
+    ctx: typer.Context,
     preset: PresetOpt = "default",
     config: Annotated[Path | None, _opt("--config", metavar="FILE", panel=R,
                                         help="A .toml or .json file of training fields plus an optional "
@@ -79,19 +98,19 @@ def train(
     pack_buffer: Annotated[int | None, _opt("--pack-buffer", min=1, panel=D,
                                             help="Batches whose samples are packed together.")] = None,
     num_workers: Annotated[int | None, _opt("--num-workers", min=0, panel=D, help="DataLoader workers.")] = None,
-    batch_size: Annotated[int | None, _opt("--batch-size", panel=O, help="Rows per micro-batch.")] = None,
-    gradient_accumulation_steps: Annotated[int | None, _opt("--gradient-accumulation-steps", panel=O,
+    batch_size: Annotated[int | None, _opt("--batch-size", min=1, panel=O, help="Rows per micro-batch.")] = None,
+    gradient_accumulation_steps: Annotated[int | None, _opt("--gradient-accumulation-steps", min=1, panel=O,
                                                             help="Micro-batches per optimizer step.")] = None,
-    max_steps: Annotated[int | None, _opt("--max-steps", panel=O, help="Optimizer steps to train for.")] = None,
-    lr_mp: Annotated[float | None, _opt("--lr-mp", panel=O, help="Learning rate of the projector.")] = None,
-    lr_backbones: Annotated[float | None, _opt("--lr-backbones", panel=O,
+    max_steps: Annotated[int | None, _opt("--max-steps", min=1, panel=O, help="Optimizer steps to train for.")] = None,
+    lr_mp: Annotated[float | None, _opt("--lr-mp", min=0.0, panel=O, help="Learning rate of the projector.")] = None,
+    lr_backbones: Annotated[float | None, _opt("--lr-backbones", min=0.0, panel=O,
                                                help="Learning rate of both backbones (--lr-vision and "
                                                     "--lr-language override it).")] = None,
-    lr_vision: Annotated[float | None, _opt("--lr-vision", panel=O,
+    lr_vision: Annotated[float | None, _opt("--lr-vision", min=0.0, panel=O,
                                             help="Learning rate of the vision encoder.")] = None,
-    lr_language: Annotated[float | None, _opt("--lr-language", panel=O,
+    lr_language: Annotated[float | None, _opt("--lr-language", min=0.0, panel=O,
                                               help="Learning rate of the language model.")] = None,
-    weight_decay: Annotated[float | None, _opt("--weight-decay", panel=O, help="AdamW weight decay.")] = None,
+    weight_decay: Annotated[float | None, _opt("--weight-decay", min=0.0, panel=O, help="AdamW weight decay.")] = None,
     warmup_ratio: Annotated[float | None, _opt("--warmup-ratio", panel=O,
                                                help="Fraction of steps of linear warm-up.")] = None,
     min_lr_ratio: Annotated[float | None, _opt("--min-lr-ratio", panel=O,
@@ -112,19 +131,19 @@ def train(
                                             help="Where runs and checkpoints are written.")] = None,
     run_name: Annotated[str | None, _opt("--run-name", panel=L, help="Name of the run (default: generated).")
                         ] = None,
-    save_checkpoint_steps: Annotated[int | None, _opt("--save-checkpoint-steps", panel=L,
+    save_checkpoint_steps: Annotated[int | None, _opt("--save-checkpoint-steps", min=1, panel=L,
                                                       help="Save a checkpoint every N steps.")] = None,
-    keep_last_checkpoints: Annotated[int | None, _opt("--keep-last-checkpoints", panel=L,
+    keep_last_checkpoints: Annotated[int | None, _opt("--keep-last-checkpoints", min=1, panel=L,
                                                       help="Checkpoints kept on disk (older ones deleted).")
                                      ] = None,
-    validation_steps: Annotated[int | None, _opt("--validation-steps", panel=L,
+    validation_steps: Annotated[int | None, _opt("--validation-steps", min=1, panel=L,
                                                  help="Compute the validation loss every N steps.")] = None,
     validation_batches: Annotated[int | None, _opt("--validation-batches", panel=L,
                                                    help="Batches per validation.")] = None,
     eval_interval: Annotated[int | None, _opt("--eval-interval", panel=L,
                                               help="Run the benchmark every N steps (0: at the end only).")] = None,
     eval_size: Annotated[int | None, _opt("--eval-size", panel=L, help="Samples per benchmark run.")] = None,
-    console_log_interval: Annotated[int | None, _opt("--console-log-interval", panel=L,
+    console_log_interval: Annotated[int | None, _opt("--console-log-interval", min=1, panel=L,
                                                      help="Log to the console every N steps.")] = None,
     dashboard: Annotated[bool, _opt("--dashboard/--no-dashboard", panel=L,
                                     help="Live dashboard on a terminal (else plain log lines every "
@@ -140,7 +159,7 @@ def train(
     resume: Annotated[Path | None, _opt("--resume", metavar="DIR", panel=R,
                                         help="Resume from a checkpoint directory: weights, optimizer, schedule, "
                                              "step, RNG and data position.")] = None,
-    device: Annotated[str | None, _opt("--device", panel=R,
+    device: Annotated[str | None, _opt("--device", panel=R, callback=_check_device,
                                        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps.")] = None,
     seed: Annotated[int | None, _opt("--seed", panel=R, help="Random seed.")] = None,
     max_threads: Annotated[int | None, _opt("--max-threads", min=1, panel=R,
@@ -174,10 +193,22 @@ def train(
             raise ConfigError(f"--no-log-wandb contradicts --report-to {report_to}; pass one of them")
         overrides["report_to"] = "none"
 
-    model_cfg, train_cfg = resolve_run_config(
-        preset, config_file=as_str(config), overrides=overrides,
-        vision_encoder=vision_encoder, dinov3_model=dinov3_model, language_model=language_model,
-    )
+    if overrides.get("resume") is not None:  # the run's own saved config, then the file and the flags given
+        swaps = [f"--{k.replace('_', '-')}" for k, v in (("vision_encoder", vision_encoder),
+                                                          ("dinov3_model", dinov3_model),
+                                                          ("language_model", language_model)) if v is not None]
+        if swaps:
+            raise ConfigError(f"{', '.join(swaps)} cannot change the model of a resumed run (--resume "
+                              f"{overrides['resume']} keeps its checkpoint's model); drop it or start a fresh run")
+        if getattr(ctx.get_parameter_source("preset"), "name", None) == "COMMANDLINE":
+            log.warning("--preset %s is ignored with --resume: the run's saved config is used", preset)
+        model_cfg, train_cfg = resolve_resume_config(overrides.pop("resume"), config_file=as_str(config),
+                                                     overrides=overrides)
+    else:
+        model_cfg, train_cfg = resolve_run_config(
+            preset, config_file=as_str(config), overrides=overrides,
+            vision_encoder=vision_encoder, dinov3_model=dinov3_model, language_model=language_model,
+        )
     if dry_run:
         if json_output:
             print_json({"model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
@@ -188,12 +219,27 @@ def train(
             out.print(f"parameters (estimate): {model_cfg.n_params_estimate():,}")
         return
 
-    # TODO(training): export train from nanovlm_cli/training/__init__.py (loop.train(model_cfg, cfg, callback=)).
+    check_output_dir(Path(train_cfg.output_dir), "--output-dir")  # below a file: one line now, not a crash later
     run_training = library_function("nanovlm_cli.training", "train", "train")
-    with progress_callback(train_cfg.console_log_interval, dashboard=dashboard) as callback:
-        result = run_training(model_cfg, train_cfg, callback=callback)
+    from nanovlm_cli.training.signals import TrainingInterrupted  # torch: imported only when training runs
+
+    checkpoint_log = logging.getLogger("nanovlm_cli.checkpoint.io")
+    checkpoint_log.addFilter(_once)
+    try:
+        with progress_callback(train_cfg.console_log_interval, dashboard=dashboard) as callback:
+            result = run_training(model_cfg, train_cfg, callback=callback)
+    except TrainingInterrupted as exc:  # before the first step finished (or a second signal): nothing new saved
+        err.print(f"interrupted ({exc}) {'before the first step' if not exc.forced else 'at once'}; no checkpoint "
+                  "was written by this process", soft_wrap=True, markup=False, highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    finally:
+        checkpoint_log.removeFilter(_once)
     if not is_main_process():  # under torchrun only rank 0 reports
         return
-    if result.interrupted and not json_output:  # the callback said where the checkpoint is; exit 0
-        return
-    print_result(result, as_json=json_output, title="training")
+    if json_output:
+        print_json(result)
+    elif not result.interrupted or result.interrupted_during == "evaluation":
+        for line in summary_lines(result):
+            out.print(line, soft_wrap=True, markup=False, highlight=False)
+    if result.interrupted:  # the checkpoint is saved and the last log line says how to resume; not a success
+        raise typer.Exit(interrupted_exit_code(result.interrupted_by))

@@ -322,7 +322,7 @@ class _UnusableStretch:
     def message(self, name: str) -> str:
         counts = {k: v for k, v in self.skips.as_dict().items() if k != "stream_remainder"}
         ranked = sorted(counts.items(), key=lambda kv: -kv[1])
-        skipped = ", ".join(f"{reason} {n}" + (f" ({self.examples[reason]})" if reason in self.examples else "")
+        skipped = ", ".join(f"{reason} {n}" + (f" (e.g. {self.examples[reason]})" if reason in self.examples else "")
                             for reason, n in ranked) or "none counted"
         fixes = [_FIXES.get(reason, "check the dataset") for reason, _ in ranked] or ["check the dataset"]
         where = f"all {self.records:,} rows" if self.whole_epoch else f"the last {self.records:,} rows read"

@@ -294,7 +294,7 @@ def _train(model_cfg: VLMConfig, cfg: TrainConfig, callback: TrainCallback, info
         samples_per_s=samples_seen / wall, tokens_per_s=tokens_seen / wall,
         final_checkpoint=str(final_dir) if final_dir else None, interrupted=interrupted, dataset=cfg.dataset,
         nonfinite_steps=nonfinite_total, interrupted_by=signal_name(stop.signum) if stop.signum else None,
-        max_steps=cfg.max_steps, start_step=start_step,
+        max_steps=cfg.max_steps, start_step=start_step, n_params=n_trainable + n_frozen,
     )
     if info.is_main and not interrupted:
         if data.final_eval is not None:

@@ -67,6 +67,7 @@ class TrainSummary:
     eval_time_s: float | None = None  # the end-of-run evaluation, after `wall_time_s` of training
     max_steps: int | None = None
     start_step: int = 0  # the step this process started at (0, or the resumed checkpoint's step)
+    n_params: int | None = None  # parameters of the model (trainable and frozen)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
