@@ -96,7 +96,7 @@ complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l output -s o -r -F -
 complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l compare -r -F -d 'An earlier results.json to compare against'
 complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l backend -x -a 'native lmms-eval' -d 'native or lmms-eval'
 complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l scoring -x -a 'generate rank' -d 'generate (ask for the option\'s letter and read it from the reply) or rank (pick the option text the model finds most likely; native multiple choice only)'
-complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l tasks -r -d 'Comma-separated lmms-eval tasks (with --backend lmms-eval)'
+complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l tasks -r -d 'Comma-separated lmms-eval tasks (implies --backend lmms-eval)'
 complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l device -r -d 'Device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps'
 complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l compile -d 'torch.compile the model: a slower start, then faster batches (native backend)'
 complete -c nanovlm -n '__fish_seen_subcommand_from eval' -l json -d 'Print the result as JSON on stdout'

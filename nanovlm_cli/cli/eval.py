@@ -72,7 +72,7 @@ def evaluate(
         "--scoring", help="generate (ask for the option's letter and read it from the reply) or rank (pick the "
                           "option text the model finds most likely; native multiple choice only).")] = "generate",
     tasks: Annotated[str | None, typer.Option(
-        "--tasks", help="Comma-separated lmms-eval tasks (with --backend lmms-eval).")] = None,
+        "--tasks", help="Comma-separated lmms-eval tasks (implies --backend lmms-eval).")] = None,
     device: DeviceOpt = "auto",
     compile: Annotated[bool, typer.Option(
         "--compile", help="torch.compile the model: a slower start, then faster batches (native backend).")] = False,
