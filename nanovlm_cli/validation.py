@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from nanovlm_cli.config import VLMConfig
-from nanovlm_cli.errors import CheckpointError
+from nanovlm_cli.errors import CheckpointError, NanoVLMError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,12 @@ def _named(keys: list[str]) -> str:
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if not isinstance(exc, CheckpointError) and text else text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if not isinstance(exc, NanoVLMError) and text else text or type(exc).__name__
+
+
+def _count(n: int, word: str) -> str:
+    """"1 token", "2 tokens"."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 @dataclass
@@ -183,6 +188,10 @@ class _Validator:
 
     def config(self) -> str:
         from nanovlm_cli.checkpoint.io import read_model_config
+        from nanovlm_cli.config import check_field_types
+
+        if not self.upstream and isinstance(self.raw.get("model"), dict):  # name the file and the field
+            check_field_types(VLMConfig, self.raw["model"], "model.", source="config.json")
 
         cfg = read_model_config(self._directory)  # VLMConfig validates itself
         if not self.upstream and cfg.image_token_id is None:
@@ -223,7 +232,8 @@ class _Validator:
         if problems:
             raise CheckpointError("; ".join(problems) + "; the weights do not match the config")
         dtypes = sorted({str(d).removeprefix("torch.") for _, d in header.tensors.values()})
-        return f"{len(header.tensors)} tensors, names and shapes match the config, dtype {', '.join(dtypes)}"
+        return (f"{_count(len(header.tensors), 'tensor')}, names and shapes match the config, "
+                f"dtype {', '.join(dtypes)}")
 
     def finite(self) -> str:
         from safetensors import safe_open
@@ -281,17 +291,19 @@ class _Validator:
         if not self.upstream and image_id != cfg.image_token_id:
             raise CheckpointError(f"{cfg.image_token} has id {image_id} in the tokenizer but image_token_id="
                                   f"{cfg.image_token_id} in the config; re-save the checkpoint")
-        if self.upstream:
+        # Prompts are built from the config's template name (`Processor`), so a tokenizer saved without its jinja
+        # template still generates correctly here; only other runtimes (transformers' apply_chat_template) miss it.
+        stored = not self.upstream and ((directory / "chat_template.jinja").is_file() or "chat_template" in (
+            _json_or_empty(directory / "tokenizer_config.json")))
+        if stored:
+            template = f"{cfg.chat_template} (stored)"
+        elif self.upstream:
             template = f"{cfg.chat_template} (from the config)"
         else:
-            stored = (directory / "chat_template.jinja").is_file() or "chat_template" in (
-                _json_or_empty(directory / "tokenizer_config.json"))
-            if not stored:
-                raise CheckpointError("the saved tokenizer has no chat template (chat_template.jinja or "
-                                      "tokenizer_config.json); re-save the checkpoint with nanovlm")
-            template = f"{cfg.chat_template} (stored)"
+            template = (f"{cfg.chat_template} (from the config; the tokenizer stores none, which only other runtimes "
+                        "such as transformers' apply_chat_template would need)")
         self.tokenizer = tokenizer
-        return (f"{len(tokenizer)} tokens, {len(cfg.extra_tokens)} extra tokens with ids < {limit}, "
+        return (f"{_count(len(tokenizer), 'token')}, {_count(len(cfg.extra_tokens), 'extra token')} with ids < {limit}, "
                 f"chat template {template}")
 
     def image_processing(self) -> str:
@@ -318,7 +330,7 @@ class _Validator:
         prompt = processor.encode_prompt(user_message(mmstar_prompt(row["question"]), 1), [row["image"]])
         start = time.perf_counter()
         result = Engine(loaded.model, processor).generate([prompt], SamplingConfig(max_new_tokens=8, greedy=True))
-        return (f"{result.new_tokens[0]} tokens in {time.perf_counter() - start:.2f}s on a shapes image: "
+        return (f"{_count(result.new_tokens[0], 'token')} in {time.perf_counter() - start:.2f}s on a shapes image: "
                 f"{result.texts[0]!r}")
 
 
@@ -332,7 +344,14 @@ def _json_or_empty(path: Path) -> dict[str, Any]:
 
 
 def validate_checkpoint(source: str | Path, *, generate: bool = True, device: str = "cpu") -> ValidationReport:
-    """Run every pre-flight check on a checkpoint directory or Hub id; never raises for a broken checkpoint."""
+    """Run every pre-flight check on a checkpoint directory or Hub id; never raises for a broken checkpoint.
+
+    A `device` this machine lacks is a `ConfigError` before any check (it is not the checkpoint's fault).
+    """
+    if generate:
+        from nanovlm_cli.distributed import resolve_device
+
+        resolve_device(device)
     v = _Validator(str(source), device)
     v.run("files", [], v.files)
     v.run("config", [v.directory], v.config)

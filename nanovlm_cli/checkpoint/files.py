@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from nanovlm_cli.errors import CheckpointError
 
+PICKLED_WEIGHT_STEMS = frozenset({"pytorch_model", "model", "weights", "consolidated", "adapter_model"})
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "README.md"]
 
 
@@ -61,11 +62,17 @@ def weight_files(directory: Path) -> list[Path]:
     found = sorted(directory.glob("*.safetensors"))
     if found:
         return found
-    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+    # Pickled *weights* (pytorch_model.bin, model.pt...) get their own message; training state beside a checkpoint
+    # (training_state.pt, optimizer.pt) is not weights, and a checkpoint that lost its model.safetensors is incomplete.
+    pickled = sorted(p.name for p in (*directory.glob("*.bin"), *directory.glob("*.pt"), *directory.glob("*.pth"))
+                     if p.stem.split(".")[0].split("-")[0] in PICKLED_WEIGHT_STEMS)
+    if pickled:
         raise CheckpointError(
-            f"{directory} holds only pickled weights (.bin/.pt), which we never load; convert them to safetensors"
+            f"{directory} has no model.safetensors, only pickled weights ({', '.join(pickled)}), which we never load "
+            "(unpickling runs code); convert them to safetensors"
         )
-    raise CheckpointError(f"no model.safetensors in {directory}; the checkpoint is incomplete")
+    raise CheckpointError(f"model.safetensors is missing from {directory}; the checkpoint is incomplete (re-save or "
+                          "re-download it)")
 
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
 """`nanovlm vram`: peak training memory per batch size, measured on the device, for a preset or checkpoint.
 
 `--batch-sizes 1 2 4 8` takes several values after one flag (click options take one value each, so the values
-after the first arrive as extra arguments and are collected here; `--batch-sizes 1,2,4` works too).
+after the first arrive as extra arguments and are collected here; `--batch-sizes 1,2,4` works too). Sizes the
+memory model says cannot fit are reported as skipped (`--measure-all` measures them anyway); `--estimate-only`
+answers from the memory model alone.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from nanovlm_cli.cli.arguments import check_device, check_importable, check_output_file, usage_error
 from nanovlm_cli.cli.console import err, library_function, out, print_result
 from nanovlm_cli.cli.options import (
     CompileOpt,
@@ -23,7 +27,6 @@ from nanovlm_cli.cli.options import (
     PresetName,
     as_str,
 )
-from nanovlm_cli.errors import ConfigError
 from nanovlm_cli.run_config import resolve_run_config
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8)
@@ -34,14 +37,17 @@ def parse_batch_sizes(first: str | None, extra: list[str]) -> list[int]:
     """`--batch-sizes 1 2 4` or `--batch-sizes 1,2,4` -> [1, 2, 4]; the default sweep when not given."""
     if first is None:
         if extra:
-            raise ConfigError(f"unexpected argument(s) {' '.join(extra)}; batch sizes follow --batch-sizes")
+            raise usage_error("--batch-sizes", f"unexpected argument(s) {' '.join(extra)}; batch sizes follow "
+                                               "--batch-sizes")
         return list(DEFAULT_BATCH_SIZES)
     sizes: list[int] = []
     for token in [first, *extra]:
         for piece in token.replace(",", " ").split():
             if not piece.isdigit() or int(piece) < 1:
-                raise ConfigError(f"--batch-sizes value {piece!r} is not a positive integer; pass e.g. 1 2 4 8")
+                raise usage_error("--batch-sizes", f"{piece!r} is not a positive integer; pass e.g. 1 2 4 8")
             sizes.append(int(piece))
+    if not sizes:
+        raise usage_error("--batch-sizes", "no batch size given; pass e.g. 1 2 4 8")
     return sizes
 
 
@@ -67,22 +73,40 @@ def vram(
                                               help="Stop the sweep at the first out-of-memory (default: report it and go on).")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", metavar="PNG",
                                               help="Save a memory-vs-batch-size plot (needs matplotlib).")] = None,
+    estimate_only: Annotated[bool, typer.Option(
+        "--estimate-only", help="Answer from the memory model alone: nothing is built or run (plan a GPU from a "
+                                "laptop).")] = False,
+    measure_all: Annotated[bool, typer.Option(
+        "--measure-all", help="Measure every size, even those whose estimate exceeds the memory available "
+                              "(skipped by default).")] = False,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
 ) -> None:
     """Measure peak training memory for several batch sizes."""
+    # Every argument is checked before anything is built or measured.
     sizes = parse_batch_sizes(batch_sizes, list(ctx.args))
+    check_device(device)
     if preset is not None and checkpoint is not None:
-        raise ConfigError(f"--preset {preset} and --checkpoint {checkpoint} both given; pass one of them")
+        raise usage_error("--checkpoint", f"--preset {preset} and --checkpoint {checkpoint} both given; pass one "
+                                          "of them")
+    if max_batch_size_for is not None and not max_batch_size_for > 0:
+        raise usage_error("--max-batch-size-for", f"{max_batch_size_for:g} GiB is not a memory size; pass a "
+                                                  "positive number of GiB, e.g. 24")
+    if estimate_only and measure_all:
+        raise usage_error("--measure-all", "--estimate-only measures nothing; pass one of --estimate-only and "
+                                           "--measure-all")
+    if plot is not None:
+        check_output_file(plot, "--plot")
+        check_importable("matplotlib", "--plot", "pip install 'nanovlm-cli[plot]'")
     overrides = {"compile": compile, "gradient_checkpointing": gradient_checkpointing,
-                 "freeze_vision_encoder": freeze_vision_encoder, "max_seq_len": seq_len}
+                 "freeze_vision_encoder": freeze_vision_encoder}
     model_cfg, train_cfg = resolve_run_config(preset or "default", overrides=overrides)
 
     measure_vram = library_function("nanovlm_cli.memory", "measure_vram", "vram")
     report = measure_vram(
         None if checkpoint else model_cfg, train_cfg, checkpoint=checkpoint, batch_sizes=sizes,
         images_per_sample=images_per_sample, max_memory_gib=max_batch_size_for, stop_on_oom=stop_on_oom,
-        device=device,
+        device=device, seq_len=seq_len, estimate_only=estimate_only, measure_all=measure_all,
     )
     if plot is not None:
         library_function("nanovlm_cli.memory", "plot_vram", "vram --plot")(report, as_str(plot))
@@ -115,7 +139,10 @@ def render_report(report: Any) -> None:
         table.add_column(name, justify="right")
     table.add_column("status")
     for row in report.rows:
-        status = "[red]OOM[/]" if row.oom else ("[yellow]failed[/]" if row.error else "[green]ok[/]")
+        if row.skipped:
+            status = "[dim]estimate[/]" if row.skipped == "estimate only" else "[yellow]skipped[/]"
+        else:
+            status = "[red]OOM[/]" if row.oom else ("[yellow]failed[/]" if row.error else "[green]ok[/]")
         cells = [str(row.batch_size), _size(row.measured_peak_bytes, scale)]
         if cpu:
             cells.append(_size(row.estimated_device_peak_bytes, scale))
@@ -128,6 +155,9 @@ def render_report(report: Any) -> None:
     if cpu:
         notes += "; est. CPU: its estimate for this CPU measurement"
     out.print(notes + ".", style="dim")
+    for row in report.rows:
+        if row.skipped and row.skipped != "estimate only":
+            out.print(f"batch size {row.batch_size} skipped: {escape(row.skipped)}", soft_wrap=True)
     _bars(report, unit, scale)
     if report.max_memory_gib is not None:
         out.print(f"largest batch size that fits {report.max_memory_gib:g} GiB (estimated, CUDA bf16): "
@@ -146,6 +176,8 @@ def _bars(report: Any, unit: str, scale: int, width: int = 40) -> None:
     for row in report.rows:
         for name, value, colour in ((label, row.measured_peak_bytes, "cyan"),
                                     ("estimate (CUDA)", row.estimated_peak_bytes, "magenta")):
+            if row.skipped and value is None:
+                continue  # not measured: no empty bar
             bar = "" if not value else "\u2588" * max(1, round(width * value / top))
             grid.add_row(f"bs {row.batch_size:>4} {name:<15}", Text(bar, style=colour), f"{_size(value, scale)} {unit}")
     out.print(grid)
