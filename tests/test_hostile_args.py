@@ -302,6 +302,15 @@ def test_a_deleted_model_safetensors_is_reported_missing_not_pickled(copy, pictu
         weight_files(copy)
 
 
+def test_a_checkpoint_url_or_a_config_that_is_not_an_object_is_named(no_model, copy, picture, cli):
+    url = "https://huggingface.co/lusxvr/nanoVLM-450M/tree/main"
+    code, _, err = cli("generate", picture, "What is it?", "-c", url, "--device", "cpu")
+    assert code == 1 and "is a URL; pass the repo id 'lusxvr/nanoVLM-450M'" in one_error_line(err)
+    (copy / "config.json").write_text("[1, 2]")
+    code, _, err = cli("generate", picture, "What is it?", "-c", copy, "--device", "cpu")
+    assert code == 1 and "holds a JSON list, not an object" in one_error_line(err)
+
+
 def test_validate_passes_a_checkpoint_without_a_stored_chat_template(copy):
     (copy / "chat_template.jinja").unlink(missing_ok=True)
     config = json.loads((copy / "tokenizer_config.json").read_text())

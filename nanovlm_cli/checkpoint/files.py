@@ -28,6 +28,10 @@ def resolve_source(source: str | Path, allow_patterns: list[str] | None = None) 
     if path.exists():
         raise CheckpointError(f"{source} is a file, not a checkpoint directory; pass the directory that holds it")
     text = str(source)
+    if text.lower().startswith(("http://", "https://")):
+        repo = text.split("huggingface.co/", 1)[1].split("/tree/")[0].strip("/") if "huggingface.co/" in text else ""
+        hint = f"pass the repo id {repo!r}" if repo.count("/") == 1 else "pass a Hub repo id (user/model)"
+        raise CheckpointError(f"checkpoint {text} is a URL; {hint} or a local directory")
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or not text.strip():
         raise CheckpointError(f"checkpoint directory {source} does not exist; check the path")
     try:
@@ -45,9 +49,13 @@ def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path.name} is missing from {path.parent}; the checkpoint is incomplete")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); re-save the checkpoint") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object of fields; re-save the "
+                              "checkpoint")
+    return data
 
 
 def weight_files(directory: Path) -> list[Path]:

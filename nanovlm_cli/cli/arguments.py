@@ -19,10 +19,9 @@ from nanovlm_cli.errors import NanoVLMError
 
 
 def usage_error(option: str, message: str) -> typer.BadParameter:
-    """A usage error for `option` (exit 2); `message` says what is wrong and the fix."""
-    import click
-
-    return typer.BadParameter(message, ctx=click.get_current_context(silent=True), param_hint=f"'{option}'")
+    """A usage error for `option` (exit 2); `message` says what is wrong and the fix (the command's context, for the
+    "see --help" hint, is found by the exception itself)."""
+    return typer.BadParameter(message, param_hint=f"'{option}'")
 
 
 def check_device(device: str, option: str = "--device") -> str:
