@@ -1,7 +1,8 @@
 """Configuration dataclasses: vision, language, projector, image processing, VLM and training.
 
 A config is the single description of what a model computes and how it is trained. Each class validates itself
-in `__post_init__` (so an impossible config fails before any weight is loaded, naming the field), round-trips
+in `__post_init__`, first every field against its type (`field_types`: a config file's "false" is not False) and
+then its range (so an impossible config fails before any weight is loaded, naming the field), round-trips
 through `to_dict` / `from_dict` (JSON-safe), and exposes derived sizes as properties rather than stored copies.
 Nothing here imports torch: the CLI builds and prints configs without it.
 """
@@ -9,18 +10,23 @@ Nothing here imports torch: the CLI builds and prints configs without it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import re
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Self, Union
+from typing import Any, Literal, Self
 
 from nanovlm_cli.errors import ConfigError
+from nanovlm_cli.field_types import (
+    Mismatch,
+    check_field_types,  # noqa: F401 (re-exported: run_config, validation)
+    coerce,
+    field_types,
+    kind_of,
+    type_error,
+)
 
 VisionKind = Literal["siglip", "dinov2", "dinov3"]
 ResizeMode = Literal["fixed", "tiles", "aspect"]
@@ -52,149 +58,6 @@ def check_device_name(name: str) -> str:
     return name
 
 
-# --- Field types ----------------------------------------------------------------------------------------------
-# Config files (TOML, JSON), saved run configs and checkpoint config.json files are read as plain data, so every
-# field is checked against its annotation before any range check: `freeze_vision_encoder = "false"` must not
-# freeze (a non-empty string is truthy), `batch_size = 4.7` must not run, `lr_mp = "1e-3"` must not reach a
-# comparison with a number. Whole-valued floats are accepted for integer fields (4.0 -> 4) and integers for
-# float fields (1 -> 1.0); nothing else is converted.
-
-
-class _Mismatch(Exception):
-    """`value` does not fit a field type; `expected` says what would."""
-
-    def __init__(self, expected: str) -> None:
-        super().__init__(expected)
-        self.expected = expected
-
-
-def _kind(value: Any) -> str:
-    """What a value is, in the words of a config file."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number with a fraction" if math.isfinite(value) else "a non-finite number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if isinstance(value, Mapping):
-        return "a table"
-    return f"a {type(value).__name__}"
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """`value` as field type `tp` (see above), or raise `_Mismatch` saying what was expected."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        expected = []
-        for option in options:
-            try:
-                return _coerce(value, option)
-            except _Mismatch as exc:
-                expected.append(exc.expected)
-        raise _Mismatch(" or ".join(expected) + (" or null" if type(None) in args else ""))
-    if origin is Literal:
-        if isinstance(value, str) and value in args:
-            return value
-        raise _Mismatch("one of " + ", ".join(repr(a) for a in args))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch("true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise _Mismatch("a whole number")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _Mismatch("a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch("a string")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch(_describe_tuple(args))
-        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
-        if len(item_types) != len(value):
-            raise _Mismatch(_describe_tuple(args))
-        try:
-            return tuple(_coerce(v, t) for v, t in zip(value, item_types))
-        except _Mismatch:
-            raise _Mismatch(_describe_tuple(args)) from None
-    if isinstance(tp, type) and issubclass(tp, _Config):
-        if isinstance(value, tp):
-            return value
-        raise _Mismatch(f"a table of {tp.__name__} fields")
-    return value  # an annotation this checker does not know: left to __post_init__
-
-
-def _describe_tuple(args: tuple[Any, ...]) -> str:
-    plural = {bool: "booleans", int: "whole numbers", float: "numbers", str: "strings"}
-    if len(args) == 2 and args[1] is Ellipsis:
-        return f"a list of {plural.get(args[0], 'values')}"
-    kinds = set(args)
-    return f"a list of {len(args)} {plural.get(args[0], 'values') if len(kinds) == 1 else 'values'}"
-
-
-def _type_error(label: str, value: Any, expected: str) -> ConfigError:
-    """One line: the field, the value, what it is and what is expected, and how to write it."""
-    hint = f"write {expected}"
-    if expected.startswith("one of "):
-        hint = "use one of those"
-    elif isinstance(value, str):
-        text = value.strip()
-        if "true or false" in expected and text.lower() in ("true", "false"):
-            hint = f"write {text.lower()} without quotes"
-        elif "number" in expected and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text):
-            hint = f"write {text} without quotes" if "whole" not in expected or float(text).is_integer() \
-                else "use a whole number"
-    elif expected.startswith("a whole number") and isinstance(value, float):
-        hint = "use a whole number"
-    shown = json.dumps(value) if isinstance(value, (str, bool, int, float)) or value is None else repr(value)
-    return ConfigError(f"{label} = {shown} is {_kind(value)}, expected {expected}; {hint}")
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    """The resolved annotations of a config class (a memo of immutable class data)."""
-    return typing.get_type_hints(cls)
-
-
-def check_field_types(cls: type, data: Mapping[str, Any], prefix: str = "", source: str | None = None) -> None:
-    """Raise `ConfigError` for the first value of `data` that does not fit `cls`'s field types.
-
-    The field is named `prefix` + name ("model.vision." + "hidden_dim"), after "`source`: " when given (e.g. the
-    config file). Nested tables of sub-config fields are checked too; unknown names are left to `from_dict`.
-    """
-    hints = _field_types(cls)
-    for name, value in data.items():
-        if name not in hints:
-            continue
-        tp = hints[name]
-        if isinstance(tp, type) and issubclass(tp, _Config) and isinstance(value, Mapping):
-            check_field_types(tp, value, f"{prefix}{name}.", source)
-            continue
-        try:
-            _coerce(value, tp)
-        except _Mismatch as exc:
-            error = _type_error(prefix + name, value, exc.expected)
-            raise (ConfigError(f"{source}: {error}") if source else error) from None
-
-
 class _Config:
     """Shared JSON round-trip and field-type checking for the dataclasses below."""
 
@@ -202,14 +65,14 @@ class _Config:
 
     def _check_types(self) -> None:
         """Check (and normalise: 4.0 -> 4, 1 -> 1.0, lists -> tuples) every field against its annotation."""
-        for name, tp in _field_types(type(self)).items():
+        for name, tp in field_types(type(self)).items():
             if name.startswith("_"):
                 continue
             value = getattr(self, name)
             try:
-                coerced = _coerce(value, tp)
-            except _Mismatch as exc:
-                raise _type_error(f"{self._label}.{name}" if self._label else name, value, exc.expected) from None
+                coerced = coerce(value, tp)
+            except Mismatch as exc:
+                raise type_error(f"{self._label}.{name}" if self._label else name, value, exc.expected) from None
             if coerced is not value:
                 object.__setattr__(self, name, coerced)  # frozen dataclass: normalising its own field
 
@@ -228,7 +91,7 @@ class _Config:
     def from_dict(cls, data: dict[str, Any]) -> Self:
         if not isinstance(data, Mapping):
             raise ConfigError(f"{cls._label or cls.__name__} must be a table of {cls.__name__} fields, got "
-                              f"{_kind(data)} ({data!r:.60}); fix the config")
+                              f"{kind_of(data)} ({data!r:.60}); fix the config")
         known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - set(known))
         if unknown:
