@@ -9,9 +9,9 @@ import pytest
 
 from nanovlm_cli import __version__
 from nanovlm_cli.cli import app as app_module
+from nanovlm_cli.cli.app import UsageError
 from nanovlm_cli.cli.console import library_function
 from nanovlm_cli.cli.vram import parse_batch_sizes
-from nanovlm_cli.errors import ConfigError
 from nanovlm_cli.presets import PRESETS, get_preset
 from nanovlm_cli.run_config import TRAIN_FIELDS
 
@@ -104,10 +104,16 @@ def test_dry_run_table_shows_model_train_and_size(cli, preset):
 
 
 def test_bad_value_exits_1_with_one_line_naming_the_field(cli):
-    code, out, err = cli("train", "--preset", "tiny", "--dry-run", "--batch-size", "0")
+    code, out, err = cli("train", "--preset", "tiny", "--dry-run", "--warmup-ratio", "3")
     assert code == 1 and out == ""
     assert len(err.strip().splitlines()) == 1
-    assert err.startswith("error:") and "batch_size" in err and "Traceback" not in err
+    assert err.startswith("error:") and "warmup_ratio" in err and "Traceback" not in err
+
+
+def test_out_of_range_flag_is_a_usage_error_naming_the_option(cli):
+    code, out, err = cli("train", "--preset", "tiny", "--dry-run", "--batch-size", "0")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith("error:") and "--batch-size" in err and "Traceback" not in err
 
 
 def test_bad_config_file_field_exits_1_naming_it(cli, tmp_path):
@@ -186,10 +192,10 @@ def test_every_train_config_field_has_a_flag():
 
 
 def test_debug_shows_the_traceback(cli, monkeypatch):
-    code, _, err = cli("--debug", "train", "--dry-run", "--batch-size", "0")
+    code, _, err = cli("--debug", "train", "--dry-run", "--warmup-ratio", "3")
     assert code == 1 and "Traceback" in err and "ConfigError" in err
     monkeypatch.setenv("NANOVLM_DEBUG", "1")
-    code, _, err = cli("train", "--dry-run", "--batch-size", "0")
+    code, _, err = cli("train", "--dry-run", "--warmup-ratio", "3")
     assert code == 1 and "Traceback" in err
 
 
@@ -232,7 +238,7 @@ def test_vram_batch_sizes_take_several_values():
     assert parse_batch_sizes("1", ["2", "4"]) == [1, 2, 4]
     assert parse_batch_sizes("1,2,8", []) == [1, 2, 8]
     assert parse_batch_sizes(None, []) == [1, 2, 4, 8]
-    with pytest.raises(ConfigError, match="'x'"):
+    with pytest.raises(UsageError, match="'x'"):  # a usage error: exit 2
         parse_batch_sizes("1", ["x"])
-    with pytest.raises(ConfigError, match="unexpected"):
+    with pytest.raises(UsageError, match="unexpected"):
         parse_batch_sizes(None, ["3"])
