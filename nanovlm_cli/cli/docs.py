@@ -63,6 +63,11 @@ COMMAND_EXAMPLES: dict[str, list[tuple[str, str]]] = {
          "nanovlm push runs/my-run/final user/my-vlm --dry-run card/"),
         ("Publish privately to a branch:", "nanovlm push runs/my-run/final user/my-vlm --private --revision exp-1"),
     ],
+    "serve": [
+        ("OpenAI-compatible API and a chat page on http://127.0.0.1:8000:", "nanovlm serve -c runs/my-run/final"),
+        ("On the network, with a key, fetching http(s) images:",
+         "nanovlm serve --host 0.0.0.0 --api-key KEY --allow-remote-images"),
+    ],
 }
 ENVIRONMENT = [
     ("NANOVLM_DEBUG", "Set to 1 to show full tracebacks and debug logs, like --debug."),
