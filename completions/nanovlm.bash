@@ -3,11 +3,11 @@ _nanovlm() {
     local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" cmd="" opts="" i
     for ((i = 1; i < COMP_CWORD; i++)); do
         case "${COMP_WORDS[i]}" in
-            train|generate|eval|vram|validate|push|serve) cmd="${COMP_WORDS[i]}"; break ;;
+            train|generate|eval|vram|validate|push|chat|serve) cmd="${COMP_WORDS[i]}"; break ;;
         esac
     done
     if [[ -z "$cmd" ]]; then
-        COMPREPLY=($(compgen -W "--version -V --debug --help -h train generate eval vram validate push serve" -- "$cur"))
+        COMPREPLY=($(compgen -W "--version -V --debug --help -h train generate eval vram validate push chat serve" -- "$cur"))
         return 0
     fi
     case "$cmd" in
@@ -54,6 +54,12 @@ _nanovlm() {
                 --revision|--commit-message|-m|--license) COMPREPLY=(); return 0 ;;
             esac
             opts="--private --revision --commit-message -m --dry-run --license --json --help -h" ;;
+        chat)
+            case "$prev" in
+                --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return 0 ;;
+                --checkpoint|-c|--max-new-tokens|--temperature|--top-p|--seed|--system|--device) COMPREPLY=(); return 0 ;;
+            esac
+            opts="--checkpoint -c --max-new-tokens --temperature --top-p --greedy --seed --system --device --dtype --help -h" ;;
         serve)
             case "$prev" in
                 --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return 0 ;;

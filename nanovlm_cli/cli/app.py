@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - older typer on real click
 
 from nanovlm_cli import __version__
 from nanovlm_cli.cli import eval as eval_cmd
-from nanovlm_cli.cli import generate, push, serve, train, validate, vram
+from nanovlm_cli.cli import chat, generate, push, serve, train, validate, vram
 from nanovlm_cli.cli.console import err, print_error, setup_logging
 from nanovlm_cli.cli.options import NanoCommand, NanoGroup
 from nanovlm_cli.errors import NanoVLMError
@@ -83,6 +83,7 @@ _register(eval_cmd.evaluate, "eval")
 _register(vram.vram, "vram", allow_extra_args=True)
 _register(validate.validate, "validate")
 _register(push.push, "push")
+_register(chat.chat, "chat")
 _register(serve.serve, "serve")
 
 

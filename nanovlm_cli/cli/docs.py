@@ -63,6 +63,12 @@ COMMAND_EXAMPLES: dict[str, list[tuple[str, str]]] = {
          "nanovlm push runs/my-run/final user/my-vlm --dry-run card/"),
         ("Publish privately to a branch:", "nanovlm push runs/my-run/final user/my-vlm --private --revision exp-1"),
     ],
+    "chat": [
+        ("Talk with your checkpoint in the terminal (/image PATH attaches an image):",
+         "nanovlm chat -c runs/my-run/final"),
+        ("Deterministic short answers (piped stdin: one turn per line):",
+         "nanovlm chat -c runs/my-run/final --greedy --max-new-tokens 64"),
+    ],
     "serve": [
         ("OpenAI-compatible API and a chat page on http://127.0.0.1:8000:", "nanovlm serve -c runs/my-run/final"),
         ("On the network, with a key, fetching http(s) images:",
