@@ -99,7 +99,8 @@ def library_function(module: str, name: str, command: str) -> Callable[..., Any]
     """`module.name`, or exit 2 "not yet implemented" when that module or function is not written yet.
 
     Only the absence of `module` itself (or of `name` in it) counts as "not implemented": an import error
-    raised *inside* an existing module is a real bug and propagates with its traceback.
+    raised *inside* an existing module is a real bug and propagates with its traceback. `train` is the last
+    caller; once it imports its library directly (as the other commands do), this and `not_implemented` go.
     """
     try:
         mod = importlib.import_module(module)

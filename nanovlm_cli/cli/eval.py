@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from nanovlm_cli.cli.arguments import check_device, check_output_dir, usage_error
-from nanovlm_cli.cli.console import err, library_function, out, print_json, print_result
+from nanovlm_cli.cli.console import err, out, print_json, print_result
 from nanovlm_cli.cli.options import BatchSizeOpt, CheckpointArg, DeviceOpt, EvalBackend, EvalScoring, JsonOpt, as_str
 
 SHOWN_FLIPS = 20
@@ -85,12 +85,10 @@ def evaluate(
     if compare is not None and backend != "native":
         raise usage_error("--compare", "--compare works with the native backend only (lmms-eval keeps no "
                                        "per-sample ledger); drop --compare or --backend lmms-eval")
-    evaluate_checkpoint = library_function("nanovlm_cli.evaluation", "evaluate_checkpoint", "eval")
-    compare_results = library_function("nanovlm_cli.evaluation", "compare_results", "eval --compare")
-    if compare is not None:
-        from nanovlm_cli.errors import DataError
-        from nanovlm_cli.evaluation import check_comparable, read_results
+    from nanovlm_cli.errors import DataError  # torch-free --help: the library loads on use
+    from nanovlm_cli.evaluation import check_comparable, compare_results, evaluate_checkpoint, read_results
 
+    if compare is not None:
         try:
             earlier, _ = read_results(compare)
             if benchmark in ("shapes", "shapes-open", "mmstar"):  # other names are known once the data loads

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from nanovlm_cli.cli.arguments import check_device
-from nanovlm_cli.cli.console import library_function, out, print_json
+from nanovlm_cli.cli.console import out, print_json
 from nanovlm_cli.cli.options import DEFAULT_CHECKPOINT, CheckpointOpt, DeviceOpt, DType, JsonOpt
 
 
@@ -42,13 +42,13 @@ def generate(
 ) -> None:
     """Answer PROMPT about IMAGE (and any --image) with a checkpoint."""
     from nanovlm_cli.data.images import check_image_path  # torch-free --help: the library loads on use
+    from nanovlm_cli.generation import generate_from_checkpoint
 
     images = [image, *(extra_images or [])]
     check_device(device)
     for path in images:
         check_image_path(path)  # a missing file, a directory or a URL fails here, before the model loads
 
-    generate_from_checkpoint = library_function("nanovlm_cli.generation", "generate_from_checkpoint", "generate")
     stream = not json_output and num_generations == 1 and out.is_terminal
     result = generate_from_checkpoint(
         checkpoint, [str(p) for p in images], prompt, max_new_tokens=max_new_tokens, temperature=temperature,

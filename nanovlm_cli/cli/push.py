@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from nanovlm_cli.cli.console import library_function, out, print_json
+from nanovlm_cli.cli.console import out, print_json
 from nanovlm_cli.cli.options import CheckpointArg, JsonOpt, as_str
 
 
@@ -52,7 +52,8 @@ def push(
     json_output: JsonOpt = False,
 ) -> None:
     """Validate CHECKPOINT, then upload it to the Hub as REPO_ID with a model card."""
-    push_checkpoint = library_function("nanovlm_cli.hub", "push_checkpoint", "push")
+    from nanovlm_cli.hub import push_checkpoint  # torch-free --help: the library loads on use
+
     result = push_checkpoint(checkpoint, repo_id, private=private, revision=revision, commit_message=commit_message,
                              dry_run_dir=as_str(dry_run), license=license)
     if json_output:

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from nanovlm_cli.cli.arguments import check_device
-from nanovlm_cli.cli.console import library_function, out, print_error, print_json
+from nanovlm_cli.cli.console import out, print_error, print_json
 from nanovlm_cli.cli.options import CheckpointArg, DeviceOpt, JsonOpt
 
 
@@ -25,8 +25,9 @@ def validate(
     json_output: JsonOpt = False,
 ) -> None:
     """Check that CHECKPOINT loads and is consistent."""
+    from nanovlm_cli.validation import validate_checkpoint  # torch-free --help: the library loads on use
+
     check_device(device)
-    validate_checkpoint = library_function("nanovlm_cli.validation", "validate_checkpoint", "validate")
     report = validate_checkpoint(checkpoint, generate=generate, device=device)
     if json_output:
         print_json(report)

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nanovlm_cli.cli.arguments import check_device, check_importable, check_output_file, usage_error
-from nanovlm_cli.cli.console import err, library_function, out, print_result
+from nanovlm_cli.cli.console import err, out, print_result
 from nanovlm_cli.cli.options import (
     CompileOpt,
     DeviceOpt,
@@ -102,14 +102,15 @@ def vram(
                  "freeze_vision_encoder": freeze_vision_encoder}
     model_cfg, train_cfg = resolve_run_config(preset or "default", overrides=overrides)
 
-    measure_vram = library_function("nanovlm_cli.memory", "measure_vram", "vram")
+    from nanovlm_cli.memory import measure_vram, plot_vram  # torch-free --help: the library loads on use
+
     report = measure_vram(
         None if checkpoint else model_cfg, train_cfg, checkpoint=checkpoint, batch_sizes=sizes,
         images_per_sample=images_per_sample, max_memory_gib=max_batch_size_for, stop_on_oom=stop_on_oom,
         device=device, seq_len=seq_len, estimate_only=estimate_only, measure_all=measure_all,
     )
     if plot is not None:
-        library_function("nanovlm_cli.memory", "plot_vram", "vram --plot")(report, as_str(plot))
+        plot_vram(report, as_str(plot))
     if json_output:
         print_result(report, as_json=True)
         return
