@@ -122,8 +122,8 @@ def test_readme_setup_commands_presets_and_config_example(tmp_path):
 
 
 def test_man_page_lists_every_original_spelling_and_every_command_example(generated):
-    from nanovlm_cli.cli.docs import COMMAND_EXAMPLES
     from nanovlm_cli.cli.options import ALIASES
+    from nanovlm_cli.cli.reference import COMMAND_EXAMPLES
 
     page = generated["man/nanovlm.1"].replace("\\-", "-").replace("\\e", "\\")
     compatibility = page.split(".SH COMPATIBILITY")[1].split(".SH ")[0]

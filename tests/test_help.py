@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from nanovlm_cli.cli.app import get_command
-from nanovlm_cli.cli.docs import COMMAND_EXAMPLES, EXAMPLES, describe
+from nanovlm_cli.cli.reference import COMMAND_EXAMPLES, EXAMPLES, describe
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["train", "generate", "eval", "vram", "validate", "push"]

@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from nanovlm_cli.checkpoint.card import card_license, eval_entries, model_card
 from nanovlm_cli.checkpoint.io import build_model, save_model
 from nanovlm_cli.cli.app import run
 from nanovlm_cli.errors import HubError
-from nanovlm_cli.hub import card_license, eval_entries, model_card, push_checkpoint
+from nanovlm_cli.hub import push_checkpoint
 from nanovlm_cli.presets import get_preset
 
 TOKEN = "hf_secret_test_token_123"

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from nanovlm_cli import __version__
+from nanovlm_cli.checkpoint.card import model_card
 from nanovlm_cli.checkpoint.files import check_and_copy, read_json, read_safetensors, resolve_source
 from nanovlm_cli.config import VLMConfig
 from nanovlm_cli.errors import CheckpointError
@@ -144,8 +145,6 @@ def save_model(
 
     `extra_files` (name -> bytes) are written inside the same atomic step (e.g. training state for resume).
     """
-    from nanovlm_cli.hub import model_card
-
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")

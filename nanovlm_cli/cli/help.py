@@ -1,4 +1,4 @@
-"""`--help` of `nanovlm` and of every command, rendered from the records the man page and completions use (docs.py).
+"""`--help` of `nanovlm` and of each command, from the records the man page and completions use (reference.py).
 
 Why not Typer's Rich panels: at 80 columns they cut option names to fit their table (`--images-per-sam…`) and show
 a `<bool>` placeholder for flags. Here an option's names are never cut or split: the name column has a width that
@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from nanovlm_cli.cli.docs import COMMAND_EXAMPLES, EXAMPLES, ParamDoc, param_doc
+from nanovlm_cli.cli.reference import COMMAND_EXAMPLES, EXAMPLES, ParamDoc, param_doc
 
 INDENT = 2
 GAP = 2

@@ -1,4 +1,4 @@
-"""The `nanovlm(1)` man page in roff, rendered from the same records as the shell completions (`docs.py`).
+"""The `nanovlm(1)` man page in roff, rendered from the same records as the shell completions (`reference.py`).
 
 Only the portable `man` macros are used (.TH .SH .SS .TP .PP .nf/.fi .B .I), every user string goes through
 `roff_escape`, and there is no date in the header, so the page renders with `man -l` and regenerates byte-for-byte.
@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from nanovlm_cli import __version__
-from nanovlm_cli.cli.docs import COMMAND_EXAMPLES, ENVIRONMENT, EXAMPLES, EXIT_STATUS, HEADER, ParamDoc, describe
 from nanovlm_cli.cli.options import ALIASES, IMPLIED, Fixed, Refused, Rename, ToArgument
+from nanovlm_cli.cli.reference import COMMAND_EXAMPLES, ENVIRONMENT, EXAMPLES, EXIT_STATUS, HEADER, ParamDoc, describe
 
 
 def roff_escape(text: str) -> str:

@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Build the tokenizer shipped in `nanovlm_cli/assets/tiny_tokenizer/` (`language.tokenizer = "builtin:tiny"`).
 
 A byte-level BPE of exactly 512 tokens (the tiny preset's vocab_size): ids 0-2 are the specials `<|endoftext|>`
@@ -7,7 +8,7 @@ round-trips, then 253 merges learned from a generated corpus that is mostly the 
 ("circle", " triangle", "Answer"), which helps a from-scratch 1M-parameter model learn. The corpus and the trainer
 are deterministic, so re-running gives the same files:
 
-    python -m nanovlm_cli.data.build_tiny_tokenizer [OUT_DIR]
+    python scripts/build_tiny_tokenizer.py [OUT_DIR]
 """
 
 from __future__ import annotations
