@@ -209,11 +209,15 @@ class _Validator:
         self.header = header = _read_headers(directory)
         expected = _meta_model(cfg)
         stored: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        head = None
         for mapped in _as_ours(header, cfg, self.upstream).values():
             for name, meta in mapped.items():
                 if name == HEAD and cfg.language.tie_embeddings:
+                    head = (tuple(meta.shape), meta.dtype)
                     continue  # a stored head of a tied model is judged by the tied-weights check
                 stored[name] = (tuple(meta.shape), meta.dtype)
+        if self.upstream and head is not None and EMBED not in stored:
+            stored[EMBED] = head  # upstream's save_model keeps the tied tensor once, as decoder.head.weight
         problems = []
         missing = sorted(set(expected) - set(stored))
         unexpected = sorted(set(stored) - set(expected))
@@ -268,6 +272,8 @@ class _Validator:
         from safetensors import safe_open
 
         if embed is None:
+            if self.upstream:  # what upstream's save_model writes: the shared tensor once, under the head's name
+                return f"tied: stored once as {head}, which is also the token embedding"
             raise CheckpointError(f"{head} is stored but the token embedding is not")
         with safe_open(str(header.files[head]), framework="pt") as f:
             head_t = f.get_tensor(head)

@@ -13,3 +13,15 @@ for _name in ("NO_COLOR", "FORCE_COLOR", "CLICOLOR", "CLICOLOR_FORCE", "TTY_COMP
     os.environ.pop(_name, None)
 os.environ["TERM"] = "xterm-256color"
 os.environ["COLUMNS"] = "80"
+
+# A private Hub cache (never the caller's): the tiny tokenizer under the Hub ids upstream nanoVLM configs name.
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+
+from hub_cache import make_hub_cache
+
+_HUB_CACHE = Path(tempfile.mkdtemp(prefix="nanovlm-hub-cache-"))
+atexit.register(shutil.rmtree, _HUB_CACHE, True)
+os.environ["HF_HUB_CACHE"] = str(make_hub_cache(_HUB_CACHE))

@@ -10,7 +10,7 @@ from nanovlm_cli.checkpoint.upstream import to_upstream
 from nanovlm_cli.config import ImageConfig, ProjectorConfig, VisionConfig
 from nanovlm_cli.errors import CheckpointError
 from nanovlm_cli.presets import _with_extra_vocab
-from tests.helpers import solid_image, tiny_config, tiny_model
+from tests.helpers import tiny_config, tiny_model
 
 
 def _inputs(model, n_images=1, n_text=6):
@@ -111,35 +111,3 @@ def test_upstream_unknown_key_is_refused(tmp_path):
     save_file({k: v.clone().contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
     with pytest.raises(CheckpointError, match="decoder.blocks.0.attn.mystery.weight"):
         load_model(directory)
-
-
-@torch.no_grad()
-def test_earliest_upstream_format_prepends_the_image_to_a_plain_prompt(tmp_path):
-    """No vlm_extra_tokens: image embeddings first, then "Question: ... Answer:", no extra embedding rows."""
-    torch.manual_seed(0)
-    cfg = tiny_config(chat_template="plain")
-    native = build_model(cfg.replace(image=cfg.image.replace(mean=None, std=None)), load_backbones=False)
-    native.model.eval()
-    config, state = to_upstream(native.model.state_dict(), native.cfg)
-    base = native.cfg.language.vocab_size
-    del config["vlm_extra_tokens"]
-    config["lm_vocab_size"] = config["lm_base_vocab_size"] = base
-    state["decoder.token_embedding.weight"] = state["decoder.token_embedding.weight"][:base]
-    state["decoder.head.weight"] = state["decoder.token_embedding.weight"]
-    directory = tmp_path / "old"
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(config))
-    save_file({k: v.clone().contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
-    loaded = load_model(directory)
-    assert loaded.cfg.chat_template == "plain" and loaded.cfg.image.mode == "fixed"
-    from nanovlm_cli.data.processor import Processor
-
-    prompt = Processor(loaded.cfg, loaded.tokenizer).encode_prompt(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}],
-        [solid_image()],
-    )
-    n_image = loaded.cfg.image_tokens_per_tile
-    assert prompt.input_ids[:n_image].tolist() == [loaded.cfg.image_token_id] * n_image
-    assert loaded.tokenizer.decode(prompt.input_ids[n_image:]).startswith("Question: What colour? Answer:")
-    ids, views = _inputs(native.model, n_images=1)
-    assert torch.equal(native.model(ids, views), loaded.model(ids, views))

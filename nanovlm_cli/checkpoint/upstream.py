@@ -7,20 +7,30 @@ projector as ours; images are `ToTensor()` only (no mean/std), split into 512px 
 tokens are spliced in place of `<|image|>` tokens. The conversion is a pure key-template table: an unknown key is an
 error naming it, never a warning.
 
-Three generations of upstream configs load:
-- with `vlm_extra_tokens` holding the global-image and `<row_i_col_j>` tokens (image splitting, e.g. nanoVLM-450M):
-  "tiles" processing, ChatML;
-- with `vlm_extra_tokens` holding only `<|image|>`: one fixed-size view per image, ChatML;
-- the earliest ones without `vlm_extra_tokens`, which prepended the image embeddings to a plain
-  "Question: ... Answer:" prompt: the "plain" chat template puts the image tokens first, which is the same sequence.
-Embedding rows for extra tokens upstream did not have are appended as zeros; they only ever hold image placeholders,
-whose embeddings are replaced, and generation never samples them.
+Five generations of upstream checkpoints load, each tested on fixtures written by that generation's own code
+(tests/fixtures/upstream, made by scripts/make_upstream_fixtures.py):
+- v0.1 (nanoVLM-222M era), no `vlm_extra_tokens`: image embeddings prepended to a plain "Question: ... Answer:"
+  prompt; the "plain" chat template puts the image tokens first, which is the same sequence;
+- v0.2, `vlm_extra_tokens` = {image_token} but no `lm_chat_template`: `<|image|>` placeholders before the same
+  plain prompt;
+- with `lm_chat_template` (ChatML), one fixed-size view per image;
+- with `<row_i_col_j>` tokens but no global-image token: image splitting, tiles only;
+- with the global-image token too (current main, nanoVLM-450M): global view first, then tiles, and
+  `resize_to_max_side_len`.
+Fixed-size views are resized bilinearly (torchvision's `Resize` default), tiles bicubically (`DynamicResize`).
+The tied embedding is stored once: safetensors' `save_model` keeps `decoder.head.weight` and drops
+`decoder.token_embedding.weight`; either name (or both, if equal) loads. Embedding rows for extra tokens upstream
+did not have are appended as zeros; they only ever hold image placeholders, whose embeddings are replaced, and
+generation never samples them. Not reproduced: upstream's "dynamic" RoPE rescaling for positions beyond
+`lm_max_position_embeddings` (we refuse such prompts instead).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,47 +87,88 @@ def _require_keys(config: Mapping[str, Any], keys: list[str]) -> None:
         raise CheckpointError(f"upstream nanoVLM config.json lacks {', '.join(missing)}; the checkpoint is incomplete")
 
 
+# the only `lm_chat_template` upstream ever shipped (ChatML without a system turn), as its config.py spells it
+_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _chat_template(config: Mapping[str, Any]) -> str:
+    """Our template for an upstream config: "plain" before `lm_chat_template` existed, "chatml" for its ChatML."""
+    template = config.get("lm_chat_template")
+    if template is None:
+        return "plain"  # v0.1 and v0.2: "Question: ... Answer:" with the image first
+    if "".join(str(template).split()) != "".join(_CHATML.split()):
+        raise CheckpointError(f"lm_chat_template {str(template)[:60]!r}... is not upstream nanoVLM's ChatML template, "
+                              "the only one nanovlm renders for upstream checkpoints; convert the checkpoint with "
+                              "its own template rendered as chatml, gemma or plain")
+    return "chatml"
+
+
+_REQUIRED = object()
+
+
+def _field(config: Mapping[str, Any], key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """config[key] checked as `kind` (a whole float passes as int, an int as float); one line naming it if not."""
+    value = config.get(key, default)
+    if value is _REQUIRED:
+        raise CheckpointError(f"upstream nanoVLM config.json lacks {key}; the checkpoint is incomplete")
+    if value is None and default is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+        raise CheckpointError(f"upstream nanoVLM config.json has {key}={value!r}, expected {names[kind]}; "
+                              "fix that field or re-save the checkpoint")
+    return value
+
+
 def config_from_upstream(config: Mapping[str, Any]) -> VLMConfig:
     """Our VLMConfig for an upstream flat config (no weights loaded)."""
     _require_keys(config, ["vit_hidden_dim", "vit_patch_size", "vit_img_size", "vit_n_heads", "vit_n_blocks",
                            "lm_hidden_dim", "lm_inter_dim", "lm_n_heads", "lm_n_kv_heads", "lm_n_blocks",
                            "mp_pixel_shuffle_factor", "lm_tokenizer"])
-    prefix_format = "vlm_extra_tokens" not in config  # images prepended to a "Question: ... Answer:" prompt
+    template = _chat_template(config)
     if config.get("vit_cls_flag"):
         raise CheckpointError("upstream checkpoints with vit_cls_flag=true are not supported (SigLIP has no CLS)")
-    if float(config.get("lm_attn_scaling", 1.0)) != 1.0:
+    if _field(config, "lm_attn_scaling", float, 1.0) != 1.0:
         raise CheckpointError(f"lm_attn_scaling={config['lm_attn_scaling']} is not supported (only 1.0)")
     extra_tokens = dict(config.get("vlm_extra_tokens") or {})
     extra = list(extra_tokens.values())
     n_tiles = sum(1 for t in extra if t.startswith("<row_"))
     max_grid = round(n_tiles**0.5) if n_tiles else 1
-    base_vocab = int(config.get("lm_base_vocab_size", config.get("lm_vocab_size", 49152)))
+    base_vocab = _field(config, "lm_base_vocab_size", int, _field(config, "lm_vocab_size", int, 49152))
     # rows the checkpoint holds; our extra tokens always include the image and global-image tokens
-    vocab_total = max(int(config.get("lm_vocab_size", base_vocab + len(extra))), base_vocab + 2 + n_tiles)
-    hidden = int(config["vit_hidden_dim"])
+    vocab_total = max(_field(config, "lm_vocab_size", int, base_vocab + len(extra)), base_vocab + 2 + n_tiles)
+    hidden = _field(config, "vit_hidden_dim", int)
     vision = VisionConfig(
-        kind="siglip", hub_id=None, image_size=int(config["vit_img_size"]), patch_size=int(config["vit_patch_size"]),
-        hidden_dim=hidden, intermediate_dim=int(config.get("vit_inter_dim", 4 * hidden)),
-        n_layers=int(config["vit_n_blocks"]), n_heads=int(config["vit_n_heads"]),
-        layer_norm_eps=float(config.get("vit_ln_eps", 1e-6)), act="gelu_tanh",
+        kind="siglip", hub_id=None, image_size=_field(config, "vit_img_size", int), patch_size=_field(config, "vit_patch_size", int),
+        hidden_dim=hidden, intermediate_dim=_field(config, "vit_inter_dim", int, 4 * hidden),
+        n_layers=_field(config, "vit_n_blocks", int), n_heads=_field(config, "vit_n_heads", int),
+        layer_norm_eps=_field(config, "vit_ln_eps", float, 1e-6), act="gelu_tanh",
     )
     language = LanguageConfig(
-        hub_id=None, tokenizer=str(config["lm_tokenizer"]), vocab_size=base_vocab,
-        extra_vocab_size=vocab_total - base_vocab, hidden_dim=int(config["lm_hidden_dim"]),
-        intermediate_dim=int(config["lm_inter_dim"]), n_layers=int(config["lm_n_blocks"]),
-        n_heads=int(config["lm_n_heads"]), n_kv_heads=int(config["lm_n_kv_heads"]),
-        max_position_embeddings=int(config.get("lm_max_position_embeddings", 8192)),
-        rope_theta=float(config.get("lm_re_base", 100000)), rms_norm_eps=float(config.get("lm_rms_eps", 1e-5)),
-        tie_embeddings=bool(config.get("lm_tie_weights", True)),
+        hub_id=None, tokenizer=_field(config, "lm_tokenizer", str), vocab_size=base_vocab,
+        extra_vocab_size=vocab_total - base_vocab, hidden_dim=_field(config, "lm_hidden_dim", int),
+        intermediate_dim=_field(config, "lm_inter_dim", int), n_layers=_field(config, "lm_n_blocks", int),
+        n_heads=_field(config, "lm_n_heads", int), n_kv_heads=_field(config, "lm_n_kv_heads", int),
+        max_position_embeddings=_field(config, "lm_max_position_embeddings", int, 8192),
+        rope_theta=_field(config, "lm_re_base", float, 100000), rms_norm_eps=_field(config, "lm_rms_eps", float, 1e-5),
+        tie_embeddings=_field(config, "lm_tie_weights", bool, True),
+        eos_token_id=_field(config, "lm_eos_token_id", int) if config.get("lm_eos_token_id") is not None else None,
     )
     image = ImageConfig(
-        mode="tiles" if n_tiles else "fixed", tile_size=int(config["vit_img_size"]),
-        max_side=int(config.get("max_img_size", 2048)), max_grid=max_grid, mean=None, std=None,
+        mode="tiles" if n_tiles else "fixed", tile_size=_field(config, "vit_img_size", int),
+        max_side=_field(config, "max_img_size", int, 2048), max_grid=max_grid, mean=None, std=None,
+        global_view="global_image_token" in extra_tokens, resample="bicubic" if n_tiles else "bilinear",
+        fill_max_side=_field(config, "resize_to_max_side_len", bool, False),
     )
     return VLMConfig(
         vision=vision, language=language,
-        projector=ProjectorConfig(pixel_shuffle_factor=int(config["mp_pixel_shuffle_factor"])),
-        image=image, chat_template="plain" if prefix_format else "chatml",
+        projector=ProjectorConfig(pixel_shuffle_factor=_field(config, "mp_pixel_shuffle_factor", int)),
+        image=image, chat_template=template,
         image_token=extra_tokens.get("image_token", "<|image|>"),
         global_image_token=extra_tokens.get("global_image_token", "<|global_image|>"),
         source_format="upstream",
@@ -153,15 +204,59 @@ def convert_upstream_state_dict(state: Mapping[str, torch.Tensor], cfg: VLMConfi
         if tensor is not None and tensor.shape[0] < rows:  # extra-token rows upstream did not have
             out[name] = torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], tensor.shape[1])])
     if cfg.language.tie_embeddings:
+        # safetensors' save_model stores a shared tensor once, under whichever name it keeps (decoder.head.weight
+        # in every upstream checkpoint we have seen); accept either name, or both when they are equal
         head = out.pop("language.lm_head.weight", None)
         embed = out.get("language.embed_tokens.weight")
-        if head is not None and embed is not None and not torch.equal(head, embed):
-            raise CheckpointError("lm_tie_weights is true but decoder.head.weight differs from the token embedding")
+        if embed is None and head is not None:
+            out["language.embed_tokens.weight"] = head
+        elif head is not None and embed is not None and not torch.equal(head, embed):
+            raise CheckpointError("lm_tie_weights is true but decoder.head.weight differs from "
+                                  "decoder.token_embedding.weight; the checkpoint is inconsistent, re-save it")
     return out
 
 
+def _check_exportable(cfg: VLMConfig) -> None:
+    """Refuse (one line, before anything is written) what upstream's code would compute differently."""
+    v, l, ic = cfg.vision, cfg.language, cfg.image
+    reasons = []
+    if v.kind != "siglip" or v.use_cls or v.n_registers or v.gated_mlp or v.layer_scale or v.rope_theta is not None:
+        reasons.append(f"its vision encoder is {v.kind} (upstream runs a plain SigLIP ViT)")
+    if (l.norm_unit_offset or l.qk_norm or l.post_norms or l.embed_scale or l.act != "silu" or l.sliding_window
+            or l.attention_bias or l.head_dim_override or l.rope_scaling_factor != 1.0):
+        reasons.append("its decoder is not a plain Llama (upstream has no Gemma features)")
+    if ic.mean is not None:
+        reasons.append("it normalises pixels (upstream feeds ToTensor() pixels in [0, 1])")
+    if ic.mode == "aspect" or (ic.mode == "fixed") != (ic.resample == "bilinear"):
+        reasons.append(f"its image layout ({ic.mode}, {ic.resample}) is not upstream's (fixed + bilinear or tiles + "
+                       "bicubic)")
+    if cfg.chat_template == "gemma" or (cfg.chat_template == "plain" and ic.mode != "fixed"):
+        reasons.append(f"its chat template {cfg.chat_template} with {ic.mode} images never existed upstream")
+    if reasons:
+        raise CheckpointError("cannot write this model in upstream nanoVLM's format: " + "; ".join(reasons)
+                              + "; keep it in nanovlm's own format")
+
+
+def _extra_tokens(cfg: VLMConfig) -> dict[str, str]:
+    """`vlm_extra_tokens` in upstream's order (the order its tokenizer assigns ids)."""
+    extra = {"image_token": cfg.image_token}
+    if cfg.image.mode == "tiles" and cfg.image.global_view:
+        extra["global_image_token"] = cfg.global_image_token
+    if cfg.image.mode == "tiles":  # upstream always lists the full 8x8 table; ours has max_grid x max_grid
+        extra.update({f"r{t[5:].split('_col_')[0]}c{t.split('_col_')[1][:-1]}": t for t in cfg.tile_tokens})
+    return extra
+
+
 def to_upstream(model_state: Mapping[str, torch.Tensor], cfg: VLMConfig) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Our weights and config in upstream's layout (for tests and for sharing with upstream users)."""
+    """Our weights and config as upstream nanoVLM's `save_pretrained` writes them (config.json, model.safetensors).
+
+    As the original: the tied embedding stored once as `decoder.head.weight` (safetensors' `save_model` drops the
+    duplicate name), the RoPE `inv_freq` buffer saved, `lm_vocab_size` = base vocabulary + extra tokens, and exactly
+    the config keys of the generation whose code computes this model (plain prompt: v0.2; ChatML with one view:
+    2025-07; tiles only: 2025-08; a global view: current main). Raises CheckpointError for a model upstream's code
+    would compute differently.
+    """
+    _check_exportable(cfg)
     inverse_v = {v: k for k, v in _VISION_KEYS.items()}
     inverse_l = {v: k for k, v in _LANGUAGE_KEYS.items()}
     state: dict[str, torch.Tensor] = {}
@@ -177,28 +272,58 @@ def to_upstream(model_state: Mapping[str, torch.Tensor], cfg: VLMConfig) -> tupl
             qkv.setdefault((index or "", m.group(2)), {})[m.group(1)] = tensor
             continue
         table = inverse_v if part == "vision" else inverse_l
+        if template not in table:
+            continue  # buffers of ours (e.g. RoPE tables) that upstream recomputes
         prefix = "vision_encoder." if part == "vision" else "decoder."
         state[prefix + table[template].replace("{i}", index or "")] = tensor
     for (index, kind), parts in qkv.items():
         state[f"vision_encoder.blocks.{index}.attn.qkv_proj.{kind}"] = torch.cat(
             [parts["q_proj"], parts["k_proj"], parts["v_proj"]], dim=0)
-    if cfg.language.tie_embeddings:
-        state["decoder.head.weight"] = state["decoder.token_embedding.weight"]
     v, l = cfg.vision, cfg.language
-    extra = {"image_token": cfg.image_token, "global_image_token": cfg.global_image_token}
-    extra.update({f"r{t[5:].split('_col_')[0]}c{t.split('_col_')[1][:-1]}": t for t in cfg.tile_tokens})
-    config = {
+    extra = _extra_tokens(cfg)
+    rows = l.vocab_size + len(extra)  # upstream's embedding: base vocabulary + its extra tokens, nothing more
+    for name in ("decoder.token_embedding.weight", "decoder.head.weight"):
+        if name in state:
+            state[name] = state[name][:rows]
+    if l.tie_embeddings and "decoder.token_embedding.weight" in state:
+        state["decoder.head.weight"] = state.pop("decoder.token_embedding.weight")
+    state["decoder.rotary_embd.inv_freq"] = 1.0 / (l.rope_theta ** (torch.arange(0, l.head_dim, 2).float() / l.head_dim))
+    config: dict[str, Any] = {
         "vit_hidden_dim": v.hidden_dim, "vit_inter_dim": v.intermediate_dim, "vit_patch_size": v.patch_size,
         "vit_img_size": v.image_size, "vit_n_heads": v.n_heads, "vit_dropout": 0.0, "vit_n_blocks": v.n_layers,
         "vit_ln_eps": v.layer_norm_eps, "vit_cls_flag": False, "vit_model_type": v.hub_id or "",
         "lm_hidden_dim": l.hidden_dim, "lm_inter_dim": l.intermediate_dim, "lm_rms_eps": l.rms_norm_eps,
         "lm_re_base": l.rope_theta, "lm_max_position_embeddings": l.max_position_embeddings,
-        "lm_base_vocab_size": l.vocab_size, "extra_token_amount": len(extra), "lm_vocab_size": l.total_vocab_size,
+        "lm_base_vocab_size": l.vocab_size, "extra_token_amount": len(extra), "lm_vocab_size": rows,
         "lm_n_heads": l.n_heads, "lm_n_kv_heads": l.n_kv_heads, "lm_dropout": 0.0, "lm_n_blocks": l.n_layers,
         "lm_attn_scaling": 1.0, "lm_max_length": l.max_position_embeddings, "lm_use_tokens": False,
         "lm_tie_weights": l.tie_embeddings, "lm_model_type": l.hub_id or "", "lm_tokenizer": l.tokenizer_source,
-        "mp_pixel_shuffle_factor": cfg.projector.pixel_shuffle_factor,
-        "mp_image_token_length": cfg.image_tokens_per_tile, "max_img_size": cfg.image.max_side,
-        "vlm_extra_tokens": extra, "vlm_load_backbone_weights": False,
     }
+    # the keys of the generation whose code computes this model (each generation's VLMConfig refuses unknown keys)
+    ic = cfg.image
+    if cfg.chat_template == "plain":  # v0.2: placeholders before a plain "Question: ... Answer:" prompt
+        config["lm_eos_token_id"] = l.eos_token_id if l.eos_token_id is not None else 0
+    else:
+        config["lm_chat_template"] = _CHATML
+    config.update({"mp_pixel_shuffle_factor": cfg.projector.pixel_shuffle_factor,
+                   "mp_image_token_length": cfg.image_tokens_per_tile})
+    if ic.mode == "tiles":
+        config["max_img_size"] = ic.max_side
+        if ic.global_view or ic.fill_max_side:  # current main; tiles without either are the 2025-08 generation
+            config["resize_to_max_side_len"] = ic.fill_max_side
+    config.update({"vlm_extra_tokens": extra, "vlm_load_backbone_weights": False,
+                   "vlm_checkpoint_path": "checkpoints", "hf_repo_name": "nanoVLM"})
     return config, state
+
+
+def save_upstream(model_state: Mapping[str, torch.Tensor], cfg: VLMConfig, directory: str | Path) -> Path:
+    """Write `config.json` and `model.safetensors` in upstream nanoVLM's format (see `to_upstream`)."""
+    from safetensors.torch import save_file
+
+    config, state = to_upstream(model_state, cfg)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=4))
+    save_file({k: t.detach().to("cpu").contiguous() for k, t in state.items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    return directory

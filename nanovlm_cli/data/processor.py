@@ -85,7 +85,8 @@ class Processor:
         self.tokenizer = tokenizer
         vocab = tokenizer.get_vocab()
         self.image_token_id = self._special_id(cfg.image_token, vocab)
-        self.global_image_token_id = self._special_id(cfg.global_image_token, vocab)
+        self.global_image_token_id = (self._special_id(cfg.global_image_token, vocab)
+                                      if cfg.global_image_token in cfg.extra_tokens else None)
         self._tile_ids = {tok: self._special_id(tok, vocab) for tok in cfg.tile_tokens}
         stops = [tokenizer.eos_token_id, cfg.language.eos_token_id]
         eot = end_of_turn_token(cfg.chat_template)
