@@ -181,9 +181,9 @@ def resolve_resume_config(
     if config_file is not None:
         file_train, file_model, file_backbones = _split_config_file(str(config_file))
         if file_model or file_backbones:
-            raise ConfigError(f"config file {config_file} changes the model ({', '.join([*file_backbones, *file_model])}"
-                              "), but a resumed run keeps its checkpoint's model; drop those fields or start a "
-                              "fresh run")
+            named = ", ".join([*file_backbones, *file_model])
+            raise ConfigError(f"config file {config_file} changes the model ({named}), but a resumed run keeps its "
+                              "checkpoint's model; drop those fields or start a fresh run")
         changes.update(file_train)
     changes.update(_clean_overrides(overrides or {}))
     changes["resume"] = str(resume)

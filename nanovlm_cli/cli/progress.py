@@ -11,7 +11,6 @@ checkpoint) and the same formatters, so a log file and the dashboard state the s
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shlex
@@ -244,10 +243,11 @@ def eval_lines(evaluation: Mapping[str, Any]) -> list[str]:
     rows = [["protocol", "overall", *categories]]
     for name, r in results:
         by = r.get("by_category", {})
-        rows.append([name, format_score(r["accuracy"]), *(format_score(by[c]) if c in by else "-" for c in categories)])
+        rows.append([name, format_score(r["accuracy"]),
+                     *(format_score(by[c]) if c in by else "-" for c in categories)])
     n = max(int(r.get("n", 0)) for _, r in results)
-    lines = [f"evaluation on {format_count(n)} held-out {evaluation.get('benchmark', 'benchmark')} questions "
-             "(accuracy, 1.00 = all right):"]
+    benchmark = evaluation.get("benchmark", "benchmark")
+    lines = [f"evaluation on {format_count(n)} held-out {benchmark} questions (accuracy, 1.00 = all right):"]
     lines += ["  " + line for line in _columns(rows, right=set(range(1, len(rows[0]))))]
     letter = evaluation if "accuracy" in evaluation else None
     if letter is not None and letter.get("unanswered"):
