@@ -424,3 +424,18 @@ def test_summary_lines_round_scores_and_name_each_protocol_letter_last():
                                           ["0.23", "0.23", "0.33"]]
     assert "151 of 200 replies named no option" in text and "0.2250000001" not in text
     assert all(line == line.rstrip() for line in text.splitlines())
+
+
+def test_local_files_have_only_a_train_split_so_validation_never_reads_training_rows(tmp_path):
+    from nanovlm_cli.data.sources import open_source
+    from nanovlm_cli.presets import get_preset
+    from nanovlm_cli.training.data import _validation_source
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    assert len(open_source(str(path))) == 1
+    with pytest.raises(DataError, match=r"single split, 'train', not 'validation'"):
+        open_source(str(path), split="validation")
+    cfg = get_preset("tiny").train.replace(dataset=str(path))
+    assert _validation_source(cfg, None) is None  # no validation loss, rather than one on the training rows

@@ -266,7 +266,16 @@ def _pick_split(dataset: Any, split: str, where: str) -> Any:
         if split not in dataset:
             raise DataError(f"{where} has no split {split!r}; choose one of {', '.join(dataset)}")
         return dataset[split]
+    _only_train(split, where, "a saved Dataset (not a DatasetDict)")
     return dataset
+
+
+def _only_train(split: str, where: str, what: str) -> None:
+    """Data without named splits is the "train" split only: asking it for "validation" must not hand back the
+    training rows (the run would report a validation loss measured on its own training data)."""
+    if split != "train":
+        raise DataError(f"{where} is {what} with a single split, 'train', not {split!r}; drop --split, or save "
+                        "the dataset with save_to_disk as a DatasetDict holding that split")
 
 
 def open_source(spec: str, *, config: str | None = None, split: str = "train", stream: bool = False,
@@ -288,6 +297,7 @@ def open_source(spec: str, *, config: str | None = None, split: str = "train", s
         return _hf_dataset_source([dataset], _converter(image_root, min_rating), stream, skips, size)
     files = _local_files(path)
     if files:
+        _only_train(split, spec, "local data files")
         root = image_root if image_root is not None else str(files[0].parent)
         convert = _converter(root, min_rating)
         suffixes = {f.suffix for f in files}
