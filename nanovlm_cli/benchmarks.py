@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nanovlm_cli.data.shapes import shapes_mmstar_rows
 from nanovlm_cli.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def _files(path: Path, suffixes: tuple[str, ...]) -> list[str]:
 
 
 def _load_local(path: Path, split: str | None) -> tuple[Any, Path | None]:
-    import datasets
+    import datasets  # on use: pyarrow and pandas come with it (~0.8 s), and the shapes benchmark never needs them
 
     if path.is_dir() and any((path / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
         return _pick_split(datasets.load_from_disk(str(path)), split, str(path)), None
@@ -96,7 +97,7 @@ def _load_local(path: Path, split: str | None) -> tuple[Any, Path | None]:
 
 
 def _load_hub(hub_id: str, split: str) -> Any:
-    import datasets
+    import datasets  # on use, as in _load_local
 
     try:
         return datasets.load_dataset(hub_id, split=split)
@@ -111,8 +112,6 @@ def load_benchmark(benchmark: str, *, split: str | None = None, limit: int | Non
     if limit is not None and limit < 1:
         raise DataError(f"limit={limit} must be >= 1")
     if benchmark == "shapes":
-        from nanovlm_cli.data.shapes import shapes_mmstar_rows
-
         return Benchmark("shapes", shapes_mmstar_rows(limit or DEFAULT_SHAPES_SIZE, seed=seed, split=split or "eval"))
     path = Path(benchmark).expanduser()
     if path.exists():

@@ -20,8 +20,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from nanovlm_cli.benchmarks import load_benchmark
+from nanovlm_cli.checkpoint.io import load_model
 from nanovlm_cli.choices import extract_choice, match_option_text, normalise_text, parse_options, question_stem
+from nanovlm_cli.data.images import load_image
+from nanovlm_cli.data.packing import collate
+from nanovlm_cli.data.processor import Processor
+from nanovlm_cli.data.sample import Record
+from nanovlm_cli.data.shapes import mmstar_prompt, shapes_mmstar_rows, shapes_records
+from nanovlm_cli.distributed import resolve_device
 from nanovlm_cli.errors import DataError
+from nanovlm_cli.generation import Engine, SamplingConfig, resolve_dtype, user_message
+from nanovlm_cli.lmms_adapter import run_lmms_eval
+from nanovlm_cli.models.vlm import compile_blocks, loss_targets
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +165,6 @@ def evaluate(
     The model is put in eval mode for the run and restored afterwards (the training loop calls this mid-run).
     `compile` generates with `Engine(compile=True)`.
     """
-    from nanovlm_cli.data.images import load_image
-    from nanovlm_cli.data.shapes import mmstar_prompt
-    from nanovlm_cli.generation import Engine, SamplingConfig, user_message
-
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size} must be >= 1")
     total = len(rows) if isinstance(rows, Sized) else None
@@ -187,17 +196,12 @@ def evaluate(
 
 def evaluate_shapes(model: Any, processor: Any, n: int = 200, seed: int = 0, batch_size: int = 32) -> EvalResult:
     """Accuracy on `n` built-in shapes MCQs (eval split): what the training loop reports at the end of a run."""
-    from nanovlm_cli.data.shapes import shapes_mmstar_rows
-
     return evaluate(model, processor, shapes_mmstar_rows(n, seed=seed), batch_size=batch_size, benchmark="shapes")
 
 
 def evaluate_shapes_open(model: Any, processor: Any, n: int = 200, seed: int = 0,
                          batch_size: int = 32, compile: bool = False) -> EvalResult:
     """Exact-match accuracy of short answers on `n` open shapes questions (eval split, images never trained on)."""
-    from nanovlm_cli.data.shapes import shapes_records
-    from nanovlm_cli.generation import Engine, SamplingConfig
-
     engine = Engine(model, processor, compile=compile)
     sampling = SamplingConfig(max_new_tokens=4, greedy=True)
     rows = shapes_records(n, seed=seed, split="eval", multiple_choice=0.0)
@@ -226,10 +230,6 @@ def evaluate_shapes_open(model: Any, processor: Any, n: int = 200, seed: int = 0
 
 def _option_samples(processor: Any, row: dict[str, Any]) -> list[Any]:
     """One training-style Sample per option: the question stem and image asked, the option text as the reply."""
-    from nanovlm_cli.data.images import load_image
-    from nanovlm_cli.data.sample import Record
-    from nanovlm_cli.generation import user_message
-
     if not row["options"]:
         raise DataError(f"benchmark row {row['index']} lists no options in its question; rank scoring needs "
                         "'A. text' lines or 'Options: A: x, B: y' in the question (or use --scoring generate)")
@@ -245,11 +245,6 @@ def score_samples(model: Any, samples: list[Any], pad_token_id: int = 0) -> list
 
     Only the supervised positions are projected to the vocabulary, so no (B, L, V) logits are ever built.
     """
-    import torch
-
-    from nanovlm_cli.data.packing import collate
-    from nanovlm_cli.models.vlm import loss_targets
-
     batch = collate([[sample] for sample in samples], pad_token_id=pad_token_id).to(model.device)
     hidden = model(batch.input_ids, batch.images, position_ids=batch.position_ids,
                    segment_ids=batch.segment_ids)  # (B, L, D)
@@ -276,8 +271,6 @@ def evaluate_ranked(
     token. The highest score wins (ties: the earlier letter), as lm-evaluation-harness scores "multiple_choice"
     tasks. The model is put in eval mode for the run and restored afterwards.
     """
-    import torch
-
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size} must be >= 1")
     total = len(rows) if isinstance(rows, Sized) else None
@@ -310,8 +303,6 @@ def evaluate_ranked(
 def evaluate_shapes_ranked(model: Any, processor: Any, n: int = 200, seed: int = 0,
                            batch_size: int = 32) -> EvalResult:
     """Rank-scored accuracy on the same `n` built-in shapes MCQs `evaluate_shapes` asks (eval split)."""
-    from nanovlm_cli.data.shapes import shapes_mmstar_rows
-
     return evaluate_ranked(model, processor, shapes_mmstar_rows(n, seed=seed), batch_size=batch_size,
                            benchmark="shapes-rank")
 
@@ -463,20 +454,12 @@ def evaluate_checkpoint(
         if blocker is not None:
             raise DataError(f"output directory {output_dir} cannot be created: {blocker} is a file; pass a directory")
     if backend == "lmms-eval":
-        from nanovlm_cli.lmms_adapter import run_lmms_eval
-
         return run_lmms_eval(checkpoint, tasks or [benchmark], limit=limit, batch_size=batch_size or 1,
                              device=device, output_dir=output_dir)
     if backend != "native":
         raise DataError(f"backend={backend!r} is not one of native, lmms-eval")
     if tasks:
         raise DataError("--tasks applies to --backend lmms-eval only; use --benchmark with the native backend")
-    from nanovlm_cli.benchmarks import load_benchmark
-    from nanovlm_cli.checkpoint.io import load_model
-    from nanovlm_cli.data.processor import Processor
-    from nanovlm_cli.distributed import resolve_device
-    from nanovlm_cli.generation import resolve_dtype
-
     data = None if benchmark == "shapes-open" else load_benchmark(benchmark, split=split, limit=limit, seed=seed)
     torch_device = resolve_device(device)  # data errors come before the model loads
     loaded = load_model(checkpoint, device=torch_device, dtype=resolve_dtype("auto", torch_device))
@@ -486,8 +469,6 @@ def evaluate_checkpoint(
                                       batch_size=batch_size or DEFAULT_BATCH_SIZE, compile=compile)
     elif scoring == "rank":
         if compile:
-            from nanovlm_cli.models.vlm import compile_blocks
-
             compile_blocks(loaded.model, torch_device)
         result = evaluate_ranked(loaded.model, processor, data.rows, batch_size=batch_size or DEFAULT_BATCH_SIZE,
                                  on_progress=on_progress, benchmark=data.name)

@@ -23,16 +23,19 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from nanovlm_cli.checkpoint.io import load_model
+from nanovlm_cli.data.images import load_image
+from nanovlm_cli.data.processor import Processor
 from nanovlm_cli.data.sample import Sample
+from nanovlm_cli.data.tokenizer import load_tokenizer
+from nanovlm_cli.distributed import resolve_device
 from nanovlm_cli.errors import GenerationError
 from nanovlm_cli.models.kv_cache import KVCache, StaticKVCache
-
-if TYPE_CHECKING:
-    from nanovlm_cli.models.vlm import VisionLanguageModel
+from nanovlm_cli.models.vlm import VisionLanguageModel, compile_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -252,8 +255,6 @@ class Engine:
         self._decode = self._decode_logits
         self._cuda_graphs = False
         if compile:
-            from nanovlm_cli.models.vlm import compile_blocks
-
             compile_blocks(model, model.device)
             self._compile_decode(cuda_graphs=model.device.type == "cuda")
 
@@ -412,11 +413,7 @@ def user_message(prompt: str, n_images: int) -> list[dict[str, Any]]:
 
 def processor_for(model: VisionLanguageModel, tokenizer: Any = None) -> Any:
     """The model's `Processor`; without `tokenizer`, the one its config names (`load_tokenizer(model.cfg)`)."""
-    from nanovlm_cli.data.processor import Processor
-
     if tokenizer is None:
-        from nanovlm_cli.data.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(model.cfg)
     return Processor(model.cfg, tokenizer)
 
@@ -465,17 +462,11 @@ def generate_from_checkpoint(
     Images are read before the model loads, so a bad file fails fast with an `ImageError` naming it. `compile`
     is `Engine(compile=True)`: a slower start, then cheaper tokens.
     """
-    from nanovlm_cli.checkpoint.io import load_model
-    from nanovlm_cli.data.images import load_image
-    from nanovlm_cli.distributed import resolve_device
-
     _check_prompt_text(prompt)
     pictures = [load_image(src) for src in images]
     config = SamplingConfig(**sampling)
     torch_device = resolve_device(device)
     loaded = load_model(checkpoint, device=torch_device, dtype=resolve_dtype(dtype, torch_device))
-    from nanovlm_cli.data.processor import Processor
-
     processor = Processor(loaded.cfg, loaded.tokenizer)
     sample = processor.encode_prompt(user_message(prompt, len(pictures)), pictures)
     result = Engine(loaded.model, processor, compile=compile).generate([sample], config, on_text=on_text)

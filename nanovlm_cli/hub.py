@@ -11,12 +11,20 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import safe_open
+
 from nanovlm_cli.checkpoint.card import model_card
+from nanovlm_cli.checkpoint.files import weight_files
+from nanovlm_cli.checkpoint.io import read_model_config
 from nanovlm_cli.errors import HubError
+from nanovlm_cli.validation import validate_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +69,6 @@ class PushResult:
 
 def check_repo_id(repo_id: str) -> None:
     """Raise HubError unless `repo_id` is a valid `namespace/name` model repository id."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise HubError(f"repo id {repo_id!r} is not of the form user/name; pass e.g. myname/my-vlm")
     try:
@@ -77,9 +83,6 @@ def prepare_upload_folder(checkpoint: Path, target: Path, *, repo_id: str, licen
 
     The card is generated from the checkpoint's own config, `training_summary.json` and `eval_results.json`.
     """
-    from nanovlm_cli.checkpoint.files import weight_files
-    from nanovlm_cli.checkpoint.io import read_model_config
-
     checkpoint = Path(checkpoint)
     cfg = read_model_config(checkpoint)
     weights = weight_files(checkpoint)
@@ -89,8 +92,6 @@ def prepare_upload_folder(checkpoint: Path, target: Path, *, repo_id: str, licen
             shutil.copy2(item, target / item.name)
     summary = _read_optional_json(checkpoint / "training_summary.json")
     results = _read_optional_json(checkpoint / "eval_results.json")
-    from safetensors import safe_open
-
     n_params = 0
     for file in weights:
         with safe_open(str(file), framework="pt") as f:
@@ -124,8 +125,6 @@ def _listing(folder: Path) -> list[UploadFile]:
 def check_checkpoint(checkpoint: Path) -> None:
     """Raise HubError unless `checkpoint` passes `nanovlm validate --no-generate` (files, config, tokenizer,
     tensor names and shapes, finite values, tied weights, image processing): a broken checkpoint is never published."""
-    from nanovlm_cli.validation import validate_checkpoint
-
     report = validate_checkpoint(str(checkpoint), generate=False, device="cpu")
     problems = [f"{c.name}: {c.detail}" for c in report.problems if not c.skipped]
     if problems:
@@ -162,8 +161,6 @@ def push_checkpoint(
     that would be uploaded there instead and touch no network. `license` overrides the license derived from the
     base models. The token comes from HF_TOKEN or the login cache and is never printed or logged.
     """
-    import tempfile
-
     checkpoint = Path(checkpoint)
     check_repo_id(repo_id)
     if not (checkpoint / "config.json").is_file():
@@ -178,8 +175,6 @@ def push_checkpoint(
             raise HubError(f"cannot write the dry-run folder {target} ({type(exc).__name__}: {exc.strerror or exc}); "
                            "pass a writable directory") from exc
         return PushResult(repo_id, _listing(target), True, folder=str(target), private=private, revision=revision)
-
-    from huggingface_hub import HfApi, get_token
 
     if not get_token():
         raise HubError("no Hugging Face token found; run `hf auth login` or set HF_TOKEN (a token with write access)")

@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanovlm_cli.checkpoint.io import load_model
+from nanovlm_cli.data.images import load_image
+from nanovlm_cli.data.processor import Processor
+from nanovlm_cli.distributed import resolve_device
 from nanovlm_cli.errors import ConfigError
+from nanovlm_cli.generation import Engine, SamplingConfig, resolve_dtype, user_message
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +28,7 @@ INSTALL_HINT = "pip install 'nanovlm-cli[lmms-eval]'"
 
 
 def _require_lmms_eval() -> Any:
+    """lmms-eval's `lmms` base class; imported here, on use, since lmms-eval is an optional extra."""
     try:
         import lmms_eval  # noqa: F401
         from lmms_eval.api.model import lmms
@@ -33,8 +39,6 @@ def _require_lmms_eval() -> Any:
 
 
 def _sampling_from(gen_kwargs: dict[str, Any]) -> Any:
-    from nanovlm_cli.generation import SamplingConfig
-
     temperature = float(gen_kwargs.get("temperature") or 0.0)
     greedy = not gen_kwargs.get("do_sample", False) or temperature == 0.0
     until = gen_kwargs.get("until") or ()
@@ -46,8 +50,6 @@ def _sampling_from(gen_kwargs: dict[str, Any]) -> Any:
 def make_adapter(model: Any, processor: Any, *, batch_size: int = 1) -> Any:
     """An instance of lmms-eval's `lmms` wrapping `model` + `processor` (raises ConfigError without lmms-eval)."""
     base = _require_lmms_eval()
-    from nanovlm_cli.data.images import load_image
-    from nanovlm_cli.generation import Engine, user_message
 
     class NanoVLMLmms(base):  # type: ignore[misc, valid-type]
         """lmms-eval's model interface over a nanovlm VisionLanguageModel."""
@@ -118,12 +120,7 @@ def run_lmms_eval(
 ) -> LmmsEvalResult:
     """Score `checkpoint` on lmms-eval `tasks` (e.g. ["mmstar", "mme"]); writes lmms_results.json to `output_dir`."""
     _require_lmms_eval()
-    from lmms_eval import evaluator
-
-    from nanovlm_cli.checkpoint.io import load_model
-    from nanovlm_cli.data.processor import Processor
-    from nanovlm_cli.distributed import resolve_device
-    from nanovlm_cli.generation import resolve_dtype
+    from lmms_eval import evaluator  # the optional extra, checked above
 
     torch_device = resolve_device(device)
     loaded = load_model(checkpoint, device=torch_device, dtype=resolve_dtype("auto", torch_device))

@@ -10,7 +10,9 @@ from typing import Any, Literal
 import torch
 
 from nanovlm_cli.config import TrainConfig, VLMConfig
+from nanovlm_cli.data.sample import Batch
 from nanovlm_cli.errors import ConfigError
+from nanovlm_cli.models import language
 from nanovlm_cli.models.vlm import LOSS_CHUNK_TOKENS, VisionLanguageModel
 
 logger = logging.getLogger(__name__)
@@ -74,8 +76,6 @@ def sample_shape(cfg: VLMConfig, seq_len: int, images_per_sample: int = 1) -> Sa
 
 def synthetic_batch(cfg: VLMConfig, shape: SampleShape, batch_size: int, *, seed: int = 0) -> Any:
     """A `Batch` of `batch_size` full rows: image tokens first, then text; every text position is supervised."""
-    from nanovlm_cli.data.sample import Batch
-
     gen = torch.Generator().manual_seed(seed)
     image_id = stand_in_image_token_id(cfg)
     t = shape.seq_len
@@ -187,8 +187,6 @@ def _attention_calls(seq_len: int, device_type: str) -> tuple[float, int]:
     (`models/language.py`): chunk j of n = T / c sees (j + 1) c keys, (T + c) / 2 per query on average.
     Shorter rows (or a device without chunking) make one call over all T keys.
     """
-    from nanovlm_cli.models import language
-
     chunk = getattr(language, "ATTENTION_CHUNK", None)
     if chunk is None or seq_len < 2 * chunk or device_type not in language.CHUNKED_ATTENTION_DEVICES:
         return float(seq_len), seq_len

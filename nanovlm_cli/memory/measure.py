@@ -14,11 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from nanovlm_cli.config import TrainConfig, VLMConfig
 from nanovlm_cli.memory.estimate import SampleShape, stand_in_image_token_id, synthetic_batch
 from nanovlm_cli.models.vlm import VisionLanguageModel, compile_blocks
+from nanovlm_cli.training.optim import apply_freezing, build_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +45,6 @@ class StepMeasurement:
 
 def prepare_model(cfg: VLMConfig, train: TrainConfig, device: torch.device) -> tuple[VisionLanguageModel, Any]:
     """A randomly initialised model set up as training sets it up (freezing, checkpointing, compile) + AdamW."""
-    from nanovlm_cli.training.optim import apply_freezing, build_optimizer
-
     model = VisionLanguageModel(cfg.replace(image_token_id=stand_in_image_token_id(cfg))).to(device).train()
     apply_freezing(model, train)
     model.vision.gradient_checkpointing = model.language.gradient_checkpointing = train.gradient_checkpointing
@@ -71,8 +71,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def _rss() -> int:
-    import psutil
-
     return int(psutil.Process().memory_info().rss)
 
 

@@ -13,9 +13,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import psutil
 import torch
 
-from nanovlm_cli.config import TrainConfig, VLMConfig
+from nanovlm_cli import distributed
+from nanovlm_cli.checkpoint.files import resolve_source
+from nanovlm_cli.checkpoint.io import read_model_config
+from nanovlm_cli.config import TrainConfig, VLMConfig, check_device_name
 from nanovlm_cli.errors import ConfigError, NanoVLMError
 from nanovlm_cli.memory.estimate import GIB, SampleShape, estimate_memory, max_batch_size, sample_shape
 from nanovlm_cli.memory.measure import measure_in_subprocess, measure_step
@@ -64,8 +68,6 @@ class VramReport:
 
 def resolve_device(device: str) -> torch.device:
     """The device `nanovlm vram` measures on: `distributed.resolve_device`, CUDA or the CPU only ("auto" skips MPS)."""
-    from nanovlm_cli import distributed
-
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = distributed.resolve_device(device)
@@ -80,8 +82,6 @@ def available_memory(device: torch.device) -> int | None:
     try:
         if device.type == "cuda":
             return int(torch.cuda.mem_get_info(device)[0])
-        import psutil
-
         return int(psutil.virtual_memory().available)
     except Exception as exc:  # noqa: BLE001 (an unknown amount only means nothing is skipped)
         logger.debug("cannot read the memory available on %s: %s", device, exc)
@@ -106,8 +106,6 @@ def _row_seq_len(model_cfg: VLMConfig, train_cfg: TrainConfig, seq_len: int | No
 
 def _estimate_device(device: str) -> torch.device:
     """The device a sweep without measurements estimates for: any device spelling, present on this machine or not."""
-    from nanovlm_cli.config import check_device_name
-
     check_device_name(device)
     if device == "auto":
         return resolve_device(device)
@@ -137,9 +135,6 @@ def measure_vram(
     `measure_all`; `estimate_only` measures no size (and needs no such device on this machine).
     """
     if checkpoint is not None:
-        from nanovlm_cli.checkpoint.files import resolve_source
-        from nanovlm_cli.checkpoint.io import read_model_config
-
         model_cfg = read_model_config(resolve_source(checkpoint))
     if model_cfg is None:
         raise ConfigError("measure_vram needs a model config or a checkpoint; pass one of them")
@@ -189,7 +184,7 @@ def measure_vram(
 
 def plot_vram(report: VramReport, path: str) -> None:
     """Save measured and estimated peak memory per batch size as a PNG (needs the `plot` extra)."""
-    try:
+    try:  # the optional `plot` extra, imported on use
         import matplotlib
 
         matplotlib.use("Agg")

@@ -184,6 +184,8 @@ class VisionLanguageModel(nn.Module):
         return LossOutput(loss_sum, n_tokens)
 
     # --- the API users of the original repository know ---
+    # The package's one deliberate upward import (DESIGN.md: imports point downward only): checkpoint/, generation
+    # and hub import this module, so these convenience methods import them on use, inside the method.
 
     @classmethod
     def from_pretrained(cls, source: str | Path, *, device: str | torch.device = "cpu",
