@@ -185,7 +185,6 @@ def test_n2_with_a_seed_is_reproducible(client, tmp_path):
     assert 0 < first.usage.completion_tokens <= 2 * 16  # both choices counted
 
 
-@pytest.mark.slow
 def test_16_concurrent_clients_each_get_their_solo_answer(client, tmp_path):
     images = [image_file(tmp_path, i) for i in range(16)]
     ask = lambda i: client.chat.completions.create(
@@ -270,24 +269,53 @@ def test_bad_requests_get_their_status_and_message_and_the_server_goes_on(server
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
 
 
-def test_api_key_is_required_when_set_and_sigterm_drains(checkpoint, tmp_path):
-    proc, base = start_server(checkpoint, "--api-key", "sekret")
+def wait_health(base: str, condition, timeout: float = 60) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with urllib.request.urlopen(base + "/health", timeout=5) as r:
+            health = json.loads(r.read())
+        if condition(health):
+            return health
+        time.sleep(0.01)
+    raise AssertionError(f"/health never satisfied the condition: {health}")
+
+
+@pytest.mark.slow
+def test_api_key_queue_limit_and_sigterm_drains(checkpoint, tmp_path):
+    proc, base = start_server(checkpoint, "--api-key", "sekret", "--queue-size", "1", "--max-batch", "1")
+    key = {"Authorization": "Bearer sekret"}
     try:
-        body = {"model": str(checkpoint), "messages": user("Hi", image_file(tmp_path, 4)), "max_tokens": 600,
+        body = {"model": str(checkpoint), "messages": user("Hi", image_file(tmp_path, 4)), "max_tokens": 900,
                 "temperature": 0}
         code, reply = post(base, body)
         assert code == 401 and reply["error"]["code"] == "invalid_api_key"
-        with ThreadPoolExecutor(1) as pool:  # a request in flight when SIGTERM arrives still gets its answer
-            pending = pool.submit(post, base, body, {"Authorization": "Bearer sekret"})
-            time.sleep(1.0)
+        short = {**body, "max_tokens": 2}
+        with ThreadPoolExecutor(2) as pool:  # requests in flight when SIGTERM arrives still get their answers
+            decoding = pool.submit(post, base, body, key)
+            wait_health(base, lambda h: h["batches"] >= 1)  # the long answer is decoding
+            queued = pool.submit(post, base, short, key)  # waits in the queue (size 1) behind it
+            wait_health(base, lambda h: h["queued"] == 1)
+            code, reply = post(base, short, key)
+            assert code == 503 and reply["error"]["code"] == "queue_full", reply
             proc.send_signal(signal.SIGTERM)
-            code, reply = pending.result(timeout=60)
-        assert code == 200, reply
+            (code, reply), (queued_code, _) = decoding.result(timeout=120), queued.result(timeout=120)
+        assert code == 200 and queued_code == 200, reply
         assert reply["usage"]["completion_tokens"] >= 1
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_stop_strings_cut_the_answer(client, tmp_path):
+    ask = lambda **kw: client.chat.completions.create(
+        model=client.model_id, messages=user("Question 0: what colour?", image_file(tmp_path, 0)), temperature=0,
+        max_tokens=MAX_TOKENS, **kw).choices[0]
+    whole = ask().message.content
+    stop = whole.strip()[2:5]
+    assert len(stop) == 3 and stop in whole, whole
+    cut = ask(stop=[stop, "never appears"])
+    assert cut.message.content == whole[:whole.index(stop)] and cut.finish_reason == "stop"
 
 
 def test_serve_without_the_extra_says_how_to_install(monkeypatch, capsys):
