@@ -324,3 +324,31 @@ def test_serve_without_the_extra_says_how_to_install(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 1
     assert "pip install 'nanovlm-cli[serve]'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_remote_images_with_the_flag_are_fetched_with_a_size_cap(checkpoint, tmp_path):
+    import functools
+    import http.server
+
+    image = image_file(tmp_path, 5)
+    big = tmp_path / "big.bmp"
+    solid_image(size=(200, 200)).save(big)  # 120 kB uncompressed, over the cap below
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    proc, base = start_server(checkpoint, "--allow-remote-images", "--max-image-bytes", "50000")
+    try:
+        remote = f"http://127.0.0.1:{files.server_address[1]}"
+        ask = lambda url: post(base, {**_image_part(url), "temperature": 0, "max_tokens": 8})
+        code, fetched = ask(f"{remote}/{image.name}")
+        assert code == 200, fetched
+        assert fetched["choices"][0]["message"]["content"] == ask(data_url(image))[1]["choices"][0]["message"]["content"]
+        code, reply = ask(f"{remote}/{big.name}")
+        assert code == 413 and "--max-image-bytes" in reply["error"]["message"]
+        code, reply = ask(f"{remote}/missing.png")
+        assert code == 400 and "could not fetch" in reply["error"]["message"]
+    finally:
+        files.shutdown()
+        assert stop_server(proc) == 0
