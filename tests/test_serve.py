@@ -352,3 +352,13 @@ def test_remote_images_with_the_flag_are_fetched_with_a_size_cap(checkpoint, tmp
     finally:
         files.shutdown()
         assert stop_server(proc) == 0
+
+
+def test_a_taken_port_is_one_line_before_the_model_loads(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = app_module.run(["serve", "-c", "/nonexistent/checkpoint", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1

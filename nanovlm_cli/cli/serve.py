@@ -50,7 +50,9 @@ def serve(
     check_device(device)
     require_server_stack()  # before the model loads: a missing extra costs a second, not a load
     from nanovlm_cli.serving.schema import Limits
-    from nanovlm_cli.serving.server import run_server
+    from nanovlm_cli.serving.server import check_address, run_server
+
+    check_address(host, port)
     from nanovlm_cli.serving.service import Service
 
     limits = Limits(max_images=max_images, max_image_pixels=max_image_pixels, max_image_bytes=max_image_bytes,

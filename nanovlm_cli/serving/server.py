@@ -57,7 +57,24 @@ def run_server(service: Any, *, host: str = "127.0.0.1", port: int = 8000, api_k
     server = _Server(config)
     try:
         server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind; the reason is in its log line above
+        pass
     finally:
         service.close()
     if not server.started:
         raise ServingError(f"could not listen on {host}:{port} (is the port taken? pick another with --port)")
+
+
+def check_address(host: str, port: int) -> None:
+    """Raise `ServingError` now when `host:port` cannot be bound (taken, or not an address of this machine), before
+    a model is loaded for nothing."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(infos[0][4])
+    except OSError as exc:
+        raise ServingError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port "
+                           "(or --host)") from exc
