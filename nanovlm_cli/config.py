@@ -410,6 +410,9 @@ class TrainConfig(_Config):
     lr_mp: float = 2e-3
     lr_vision: float = 5e-5
     lr_language: float = 5e-5
+    # "muon": torch.optim.Muon at lr_muon on the 2-D weight matrices of the hidden layers, AdamW on the rest
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    lr_muon: float = 0.02
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0
@@ -443,13 +446,14 @@ class TrainConfig(_Config):
                      "save_checkpoint_steps", "validation_steps", "console_log_interval", "max_images_per_row",
                      "pack_buffer", "shapes_turns"):
             _require(getattr(self, name) > 0, f"train.{name}={getattr(self, name)} must be positive")
-        for name in ("lr_mp", "lr_vision", "lr_language", "weight_decay"):
+        for name in ("lr_mp", "lr_vision", "lr_language", "lr_muon", "weight_decay"):
             _require(getattr(self, name) >= 0 and math.isfinite(getattr(self, name)),
                      f"train.{name}={getattr(self, name)} must be a finite number >= 0")
         _require(0 <= self.warmup_ratio < 1, f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         _require(0 <= self.shapes_multiple_choice <= 1,
                  f"train.shapes_multiple_choice={self.shapes_multiple_choice} must be a fraction in [0, 1]")
         _require(self.num_workers >= 0, f"train.num_workers={self.num_workers} must be >= 0")
+        _require(self.optimizer in ("adamw", "muon"), f"train.optimizer={self.optimizer!r} is not one of adamw, muon")
         _require(self.report_to in ("none", "wandb", "tensorboard"),
                  f"train.report_to={self.report_to!r} is not one of none, wandb, tensorboard")
         _require(self.keep_last_checkpoints >= 1, "train.keep_last_checkpoints must be >= 1")
