@@ -16,6 +16,18 @@ ROOT = Path(__file__).resolve().parent.parent
 REGENERATE = "run `python scripts/gen_docs.py` and commit completions/ and man/"
 
 
+def require_tools(*tools: str, hint: str) -> None:
+    """Skip when a checker is not installed here; in CI (`CI=true`) fail instead, since a skip there would count as a
+    pass of a check that never ran."""
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if not missing:
+        return
+    message = f"{'/'.join(missing)} not installed ({hint})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; CI=true, so this check must run")
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="module")
 def generated() -> dict[str, str]:
     return generate_all()
@@ -75,8 +87,7 @@ def test_bash_completion_completes_commands_options_and_choices():
 @pytest.mark.parametrize("shell,path", [("bash", "completions/nanovlm.bash"), ("zsh", "completions/_nanovlm"),
                                         ("fish", "completions/nanovlm.fish")])
 def test_completion_script_parses(shell, path):
-    if shutil.which(shell) is None:
-        pytest.skip(f"{shell} is not installed (.ci/run installs it)")
+    require_tools(shell, hint=".ci/run installs it")
     result = subprocess.run([shell, "-n", str(ROOT / path)], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
@@ -88,8 +99,7 @@ def test_roff_escape_neutralises_requests_dashes_and_backslashes():
 
 
 def test_man_page_renders_without_warnings():
-    if shutil.which("man") is None or shutil.which("groff") is None:
-        pytest.skip("man/groff not installed (.ci/run installs man-db and groff-base)")
+    require_tools("man", "groff", hint=".ci/run installs man-db and groff-base")
     page = ROOT / "man/nanovlm.1"
     lint = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(page)], capture_output=True, text=True,
                           timeout=60, check=False)

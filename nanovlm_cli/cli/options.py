@@ -383,10 +383,5 @@ FreezeVisionOpt = Annotated[
 ]
 
 
-def choice_help(text: str, choices: Any) -> str:
-    """Help text that lists the accepted values (Literal choices render poorly in some terminals)."""
-    return f"{text} One of: {', '.join(choices)}."
-
-
 def as_str(path: Path | str | None) -> str | None:
     return None if path is None else str(path)

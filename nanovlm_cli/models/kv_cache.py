@@ -72,10 +72,6 @@ class KVCache(_KVBuffers):
                 "allocate the cache with max_len >= prompt length + max new tokens"
             )
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write `k`, `v` (B, H_kv, T, Dh) at slots [pos:pos+T] of `layer`; return the filled views [:pos+T]."""
-        return self.layer(layer).update(k, v)
-
     def layer(self, layer: int) -> LayerCache:
         """One layer's slice of the cache. Decoder blocks get this rather than the cache and an index, so a compiled
         block sees tensors of the same shape for every layer and compiles once (not once per layer index)."""
