@@ -246,19 +246,22 @@ sys.exit(run(sys.argv[3:]))
 
 
 @pytest.mark.slow
-def test_sigterm_while_waiting_for_data_saves_the_last_finished_step_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("workers", ["0", "2"])  # 2: prefetch and encode threads stuck in the read
+def test_sigterm_while_waiting_for_data_saves_the_last_finished_step_and_resumes_exactly(tmp_path, workers):
     script = tmp_path / "stalling_run.py"
     script.write_text(_STALLING_RUN)
-    common = (*FAST, "--max-steps", "8", "--save-checkpoint-steps", "100", "--output-dir", str(tmp_path))
+    common = (*FAST, "--num-workers", workers, "--max-steps", "8", "--save-checkpoint-steps", "100",
+              "--output-dir", str(tmp_path))
     subprocess.run(_nanovlm("train", *common, "--run-name", "ref"), cwd=REPO, env=_env(), capture_output=True,
                    check=True, timeout=180)
     # Windows of 8 records give 2 batches each: 24 records are 6 steps, then the 4th window never arrives.
     marker, log = tmp_path / "stalled", tmp_path / "stall.log"
     proc = _start([sys.executable, str(script), str(marker), "24", "train", *common, "--run-name", "cut"], REPO, log)
-    deadline = time.time() + 120
-    while not marker.is_file():
+    metrics, deadline = tmp_path / "cut" / "metrics.jsonl", time.time() + 120
+    while not (marker.is_file() and metrics.is_file() and len(metrics.read_text().splitlines()) == 6):
         assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
         time.sleep(0.1)
+    time.sleep(0.5)  # step 6 is done; the loop waits for a batch that never comes
     proc.send_signal(signal.SIGTERM)
     assert _finish(proc) == 143, log.read_text()[-3000:]
     assert "interrupted by SIGTERM at step 6/8" in log.read_text()

@@ -31,7 +31,7 @@ import math
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -102,7 +102,8 @@ class TrainLoader:
             raise DataError("the dataset has no rows; check the path, split and filters")
         self._epoch, self._start, self._consumed = 0, 0, 0  # consumed: batches of the window at _start
         self._perm_cache: tuple[int, np.ndarray] | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _EncodePool | None = None
+        self._abandon = threading.Event()  # set: an iteration stopped on an error or a signal; wait for no thread
 
     # ------------------------------------------------------------------ order
 
@@ -217,9 +218,10 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         resume_consumed = self._consumed
+        self._abandon = threading.Event()
         if self.num_workers > 0:
-            self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="nanovlm-encode")
-            windows = _prefetch(self._windows(), _PREFETCH_WINDOWS)
+            self._pool = _EncodePool(self.num_workers)
+            windows = _prefetch(self._windows(), _PREFETCH_WINDOWS, self._abandon)
         else:
             windows = self._windows()
         unusable = _UnusableStretch(at_epoch_start=self._start == 0 and resume_consumed == 0)
@@ -240,12 +242,23 @@ class TrainLoader:
                     yield window.batches[k]
                 if not window.batches:
                     self._epoch, self._start, self._consumed = window.next_epoch, window.next_start, 0
+        except GeneratorExit:
+            raise
+        except BaseException:
+            self._abandon.set()  # an error or a signal: a worker may be stuck in a read, so wait for none
+            raise
         finally:
             if hasattr(windows, "close"):
                 windows.close()
             if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool.shutdown(wait=not self._abandon.is_set())
                 self._pool = None
+
+    def abandon(self) -> None:
+        """Make the close of the current iteration leave its prefetch and encode threads behind (daemon threads,
+        they end after their current record) instead of waiting for them: for stopping on a signal, when a read
+        may never return."""
+        self._abandon.set()
 
     def state_dict(self) -> dict[str, Any]:
         """Plain ints, lists and dicts (loadable with `torch.load(weights_only=True)`).
@@ -329,8 +342,54 @@ class _UnusableStretch:
         return f"no usable training sample in {name}: {where} skipped ({skipped}); {'; '.join(dict.fromkeys(fixes))}"
 
 
-def _prefetch(windows: Iterator[_Window], depth: int) -> Iterator[_Window]:
-    """Run `windows` in a producer thread, `depth` windows ahead; stops the producer when closed."""
+class _EncodePool:
+    """`map` over `n` daemon threads, results in order. Unlike ThreadPoolExecutor's workers, daemon threads never
+    hold the process at exit, so a read stuck on a dead mount cannot keep a stopped run alive."""
+
+    def __init__(self, n: int) -> None:
+        self._tasks: queue.Queue = queue.Queue()
+        self._threads = [threading.Thread(target=self._work, name=f"nanovlm-encode-{i}", daemon=True)
+                         for i in range(n)]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            fn, item, future = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(item))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller of map, which re-raises it
+                future.set_exception(exc)
+
+    def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+        futures = []
+        for item in items:
+            future: Future = Future()
+            self._tasks.put((fn, item, future))
+            futures.append(future)
+        return [future.result() for future in futures]
+
+    def shutdown(self, wait: bool) -> None:
+        """Cancel what has not started, stop the threads; wait for them only when `wait`."""
+        while True:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[2].cancel()
+        for _ in self._threads:
+            self._tasks.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+
+def _prefetch(windows: Iterator[_Window], depth: int, abandon: threading.Event) -> Iterator[_Window]:
+    """Run `windows` in a producer thread, `depth` windows ahead; stops the producer when closed, and waits for it
+    unless `abandon` is set (as it is when the consumer leaves on an error or a signal)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -365,9 +424,15 @@ def _prefetch(windows: Iterator[_Window], depth: int) -> Iterator[_Window]:
             if isinstance(item, BaseException):
                 raise item
             yield item
+    except GeneratorExit:
+        raise
+    except BaseException:
+        abandon.set()
+        raise
     finally:
         stop.set()
-        thread.join()
+        if not abandon.is_set():
+            thread.join()
 
 
 def validation_batches(source: Any, encode: Callable[[Record], Sample], *, n_batches: int, batch_size: int,

@@ -269,9 +269,11 @@ def _train(model_cfg: VLMConfig, cfg: TrainConfig, callback: TrainCallback, info
                 if not info.enabled:
                     rng_after_step = st.capture_rng()
     except TrainingInterrupted as exc:
+        data.loader.abandon()  # its threads may be stuck in a read: closing must not wait for them
         if exc.forced or step == 0:
             raise
     finally:
+        batches.close()
         if metrics_file is not None:
             metrics_file.close()
     interrupted = stop.requested
