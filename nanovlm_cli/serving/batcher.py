@@ -11,9 +11,10 @@ with its key (up to `max_batch`), so throughput grows with the number of clients
 Worked example, queue [g32, s, g32, g16] (g32 greedy 32 tokens, s seeded sampled): batch 1 = [g32, g32],
 batch 2 = [s], batch 3 = [g16].
 
-When the previous batch was shared, the batcher waits a few milliseconds (`batch_window_s`, stopping early once as
-many jobs as last time have joined) for the clients it just answered to send their next request; otherwise 4 clients
-settle into alternating half batches. A lone client's request starts at once.
+When the previous batch was shared, the batcher waits up to `batch_window_s` (20 ms) for the clients it just
+answered to send their next request, stopping as soon as they have (queued + just answered); without it, clients
+settle into two cohorts that alternate half batches (measured: 16 clients ran as batches of 7 and 9). A lone
+client's request starts at once.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class Job:
 class Batcher:
     """Owns `engine` on one thread; `submit` queues a job (503 when full), `close` drains and stops."""
 
-    def __init__(self, engine: Any, *, queue_size: int = 64, max_batch: int = 16, batch_window_s: float = 0.005) -> None:
+    def __init__(self, engine: Any, *, queue_size: int = 64, max_batch: int = 16, batch_window_s: float = 0.02) -> None:
         self.engine, self.queue_size, self.max_batch = engine, queue_size, max_batch
         self.batch_window_s = batch_window_s
         self._last_size = 1
@@ -111,8 +112,9 @@ class Batcher:
             first = self._queue.popleft()
             batch, rows = [first], first.sampling.num_generations
             # Clients that were just answered need a moment to send their next request; when the last batch was
-            # shared (so several clients are active), wait up to `batch_window_s` for them. A lone client never waits.
+            # shared (several clients are active), wait up to `batch_window_s` for them. A lone client never waits.
             deadline = time.monotonic() + (self.batch_window_s if self._last_size > 1 else 0.0)
+            target = 1 + len(self._queue) + self._last_size  # those waiting + those just answered
             while True:
                 for job in list(self._queue):
                     if rows >= self.max_batch:
@@ -122,7 +124,7 @@ class Batcher:
                         batch.append(job)
                         rows += job.sampling.num_generations
                 left = deadline - time.monotonic()
-                if rows >= self.max_batch or len(batch) >= self._last_size or left <= 0 or self._closing:
+                if rows >= self.max_batch or len(batch) >= target or left <= 0 or self._closing:
                     break
                 self._cond.wait(left)
             self._last_size = len(batch)
