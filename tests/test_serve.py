@@ -362,3 +362,36 @@ def test_a_taken_port_is_one_line_before_the_model_loads(capsys):
         code = app_module.run(["serve", "-c", "/nonexistent/checkpoint", "--port", str(port)])
     err = capsys.readouterr().err
     assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_batcher_groups_only_jobs_that_compute_the_same_thing():
+    from types import SimpleNamespace
+
+    from nanovlm_cli.generation import SamplingConfig
+    from nanovlm_cli.serving.batcher import Batcher, Job
+
+    gate = threading.Event()
+    calls: list[list[str]] = []
+
+    class Engine:  # records which prompts went into each call; the first call waits until all jobs are queued
+        def generate(self, prompts, sampling, on_text=None):
+            gate.wait(10)
+            calls.append(list(prompts))
+            rows = [p for p in prompts for _ in range(sampling.num_generations)]
+            return SimpleNamespace(texts=rows, new_tokens=[1] * len(rows), finish_reasons=["length"] * len(rows))
+
+    batcher = Batcher(Engine(), queue_size=8, max_batch=16)
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0)
+    jobs = [batcher.submit(Job("first", greedy))]
+    time.sleep(0.2)  # "first" is being decoded; the rest queue behind it
+    jobs += [batcher.submit(Job(name, sampling)) for name, sampling in [
+        ("g8", greedy), ("seeded-a", SamplingConfig(max_new_tokens=8, temperature=1, seed=1)),
+        ("g8-again", greedy), ("g4", SamplingConfig(max_new_tokens=4, temperature=0)),
+        ("seeded-b", SamplingConfig(max_new_tokens=8, temperature=1, seed=1))]]
+    gate.set()
+    assert all(job.wait(10).done.is_set() for job in jobs)
+    batcher.close(timeout=10)
+    assert calls == [["first"], ["g8", "g8-again"], ["seeded-a"], ["g4"], ["seeded-b"]]
+    assert [job.texts for job in jobs[:2]] == [["first"], ["g8"]]
+    with pytest.raises(Exception, match="shutting down"):
+        batcher.submit(Job("late", greedy))
