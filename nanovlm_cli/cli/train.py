@@ -228,9 +228,11 @@ def train(
     try:
         with progress_callback(train_cfg.console_log_interval, dashboard=dashboard) as callback:
             result = run_training(model_cfg, train_cfg, callback=callback)
-    except TrainingInterrupted as exc:  # before the first step finished (or a second signal): nothing new saved
-        err.print(f"interrupted ({exc}) {'before the first step' if not exc.forced else 'at once'}; no checkpoint "
-                  "was written by this process", soft_wrap=True, markup=False, highlight=False)
+    except TrainingInterrupted as exc:  # before the first step finished, or a second signal: nothing more saved
+        message = (f"stopped at once by a second {exc}; nothing more was saved (nanovlm train --resume RUN_DIR "
+                   "continues from the run's latest checkpoint)" if exc.forced else
+                   f"interrupted ({exc}) before the first step; no checkpoint was written by this process")
+        err.print(message, soft_wrap=True, markup=False, highlight=False)
         raise typer.Exit(exc.exit_code) from None
     finally:
         checkpoint_log.removeFilter(_once)

@@ -273,21 +273,22 @@ def _train(model_cfg: VLMConfig, cfg: TrainConfig, callback: TrainCallback, info
         if exc.forced or step == 0:
             raise
     finally:
+        stop.hold()  # until the evaluation, a signal only sets the flag: the last save must finish
         batches.close()
         if metrics_file is not None:
             metrics_file.close()
     interrupted = stop.requested
     final_dir: Path | None = None
-    with stop.deferred():
-        if interrupted and info.is_main and (saved is None or saved[0] != step):
-            # Single process, stopped while the next batches loaded: save what the last finished step left.
-            saved = (step, _save_step(save, run_dir, step, rng_after_step))
-            st.prune_checkpoints(run_dir, cfg.keep_last_checkpoints, best_dir)
-        rng_final = gathered_rng()
-        if info.is_main:
-            final_dir = saved[1] if interrupted and saved is not None else \
-                _save_step(save, run_dir, step, rng_final, name="final")
-        barrier(info)
+    if interrupted and info.is_main and (saved is None or saved[0] != step):
+        # Single process, stopped while the next batches loaded: save what the last finished step left.
+        saved = (step, _save_step(save, run_dir, step, rng_after_step))
+        st.prune_checkpoints(run_dir, cfg.keep_last_checkpoints, best_dir)
+    rng_final = gathered_rng()
+    if info.is_main:
+        final_dir = saved[1] if interrupted and saved is not None else \
+            _save_step(save, run_dir, step, rng_final, name="final")
+    barrier(info)
+    stop.release()
     wall = time.perf_counter() - t_start
     summary = TrainSummary(
         run_dir=str(run_dir), steps=step, samples_seen=samples_seen, tokens_seen=tokens_seen,

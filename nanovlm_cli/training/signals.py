@@ -81,6 +81,15 @@ class StopFlag:
         finally:
             self._immediate = previous
 
+    def hold(self) -> None:
+        """From now on a signal only sets `requested` (until `release`): for the end of a run, whose last save
+        must finish."""
+        self._immediate = False
+
+    def release(self) -> None:
+        """Back to stopping at once on a signal (after `hold`)."""
+        self._immediate = True
+
     def raise_if_requested(self) -> None:
         """Stop now if a signal came during a deferred phase (for the places that cannot save first)."""
         if self.signum is not None:
