@@ -38,6 +38,8 @@ complete -c nanovlm -n '__fish_seen_subcommand_from train' -l lr-mp -r -d 'Learn
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l lr-backbones -r -d 'Learning rate of both backbones (--lr-vision and --lr-language override it)'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l lr-vision -r -d 'Learning rate of the vision encoder'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l lr-language -r -d 'Learning rate of the language model'
+complete -c nanovlm -n '__fish_seen_subcommand_from train' -l optimizer -x -a 'adamw muon' -d 'adamw, or muon (Muon on the hidden weight matrices, AdamW on the rest)'
+complete -c nanovlm -n '__fish_seen_subcommand_from train' -l lr-muon -r -d 'Learning rate of the Muon-trained matrices (--optimizer muon)'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l weight-decay -r -d 'AdamW weight decay'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l warmup-ratio -r -d 'Fraction of steps of linear warm-up'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l min-lr-ratio -r -d 'Final learning rate as a fraction of the peak (cosine)'

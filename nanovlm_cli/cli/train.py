@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -110,6 +110,12 @@ def train(
                                             help="Learning rate of the vision encoder.")] = None,
     lr_language: Annotated[float | None, _opt("--lr-language", min=0.0, panel=O,
                                               help="Learning rate of the language model.")] = None,
+    optimizer: Annotated[Literal["adamw", "muon"] | None, _opt("--optimizer", panel=O,
+                                                    help="adamw, or muon (Muon on the hidden weight matrices, "
+                                                         "AdamW on the rest).")] = None,
+    lr_muon: Annotated[float | None, _opt("--lr-muon", min=0.0, panel=O,
+                                          help="Learning rate of the Muon-trained matrices (--optimizer muon).")
+                       ] = None,
     weight_decay: Annotated[float | None, _opt("--weight-decay", min=0.0, panel=O, help="AdamW weight decay.")] = None,
     warmup_ratio: Annotated[float | None, _opt("--warmup-ratio", panel=O,
                                                help="Fraction of steps of linear warm-up.")] = None,
