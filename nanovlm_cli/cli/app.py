@@ -110,7 +110,8 @@ def run(argv: list[str] | None = None) -> int:
                 err.print(exc.format_message(), markup=False, highlight=False)
             return exc.exit_code
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        print_error(f"{exc.format_message()}{hint}")
+        message = exc.format_message().replace(": Value error, ", ": ")  # typer's validator prefix says nothing
+        print_error(f"{message}{hint}")
         return exc.exit_code
     except ClickException as exc:
         print_error(exc.format_message())

@@ -208,9 +208,11 @@ def train(
                               f"{overrides['resume']} keeps its checkpoint's model); drop it or start a fresh run")
         if getattr(ctx.get_parameter_source("preset"), "name", None) == "COMMANDLINE":
             log.warning("--preset %s is ignored with --resume: the run's saved config is used", preset)
+        source = f"resumed run {overrides['resume']}"
         model_cfg, train_cfg = resolve_resume_config(overrides.pop("resume"), config_file=as_str(config),
                                                      overrides=overrides)
     else:
+        source = f"preset {preset}"
         model_cfg, train_cfg = resolve_run_config(
             preset, config_file=as_str(config), overrides=overrides,
             vision_encoder=vision_encoder, dinov3_model=dinov3_model, language_model=language_model,
@@ -220,7 +222,7 @@ def train(
             print_json({"model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
                         "n_params_estimate": model_cfg.n_params_estimate()})
         else:
-            out.print(mapping_table(f"model (preset {preset})", model_cfg.to_dict()))
+            out.print(mapping_table(f"model ({source})", model_cfg.to_dict()))
             out.print(mapping_table("train", train_cfg.to_dict()))
             out.print(f"parameters (estimate): {model_cfg.n_params_estimate():,}")
         return
