@@ -30,7 +30,7 @@ def test_tiny_preset_learns_shapes_and_generate_answers(tmp_path):
     rank_accuracy = summary["eval"]["rank"]["by_category"]
     assert rank_accuracy["colour"] >= 0.9, summary["eval"]["rank"]
     assert rank_accuracy["shape"] >= 0.9, summary["eval"]["rank"]
-    assert summary["skipped"] == {} or all(v >= 0 for v in summary["skipped"].values())
+    assert summary["skipped"] == {}, summary["skipped"]  # the built-in shapes samples all fit: none is dropped
 
     image = tmp_path / "red_circle.png"
     Scene((Shape("circle", "red", (33, 31), 22),), (255, 255, 255), "centre", "large").render().save(image)
