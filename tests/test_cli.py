@@ -10,7 +10,6 @@ import pytest
 from nanovlm_cli import __version__
 from nanovlm_cli.cli import app as app_module
 from nanovlm_cli.cli.app import UsageError
-from nanovlm_cli.cli.console import library_function
 from nanovlm_cli.cli.vram import parse_batch_sizes
 from nanovlm_cli.presets import PRESETS, get_preset
 from nanovlm_cli.run_config import TRAIN_FIELDS
@@ -197,26 +196,6 @@ def test_debug_shows_the_traceback(cli, monkeypatch):
     monkeypatch.setenv("NANOVLM_DEBUG", "1")
     code, _, err = cli("train", "--dry-run", "--warmup-ratio", "3")
     assert code == 1 and "Traceback" in err
-
-
-def test_unimplemented_command_exits_2(cli, monkeypatch, tmp_path):
-    # `train` is the last command that finds its library function by name (cli/console.py:library_function)
-    monkeypatch.setitem(sys.modules, "nanovlm_cli.training", None)  # as if training/ were not written yet
-    code, out, err = cli("train", "--preset", "tiny", "--output-dir", str(tmp_path / "run"))
-    assert code == 2 and out == ""
-    assert err.strip() == "nanovlm train: not yet implemented"
-
-
-def test_library_function_only_hides_the_missing_module_itself(tmp_path, monkeypatch):
-    import typer
-
-    with pytest.raises(typer.Exit) as exc:
-        library_function("nanovlm_cli.no_such_module", "run", "x")
-    assert exc.value.exit_code == 2
-    (tmp_path / "broken_lib_for_test.py").write_text("import no_such_dependency_xyz\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
-        library_function("broken_lib_for_test", "run", "x")
 
 
 def test_keyboard_interrupt_exits_130(cli, monkeypatch):

@@ -2,8 +2,7 @@
 
 Two Rich consoles split the streams so `nanovlm generate ... > answer.txt` or `--json | jq` pipe cleanly while
 progress and logs stay on the terminal. Also home of the small helpers every command shares: JSON rendering
-of library results, the one-line error, and `library_function`, which finds the library function a command
-calls and reports the command as "not yet implemented" (exit 2) while that function does not exist yet.
+of library results and the one-line error.
 """
 
 from __future__ import annotations
@@ -14,11 +13,10 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -27,7 +25,6 @@ from rich.table import Table
 out = Console(highlight=False)  # results
 err = Console(stderr=True, highlight=False)  # progress, logs, errors
 
-NOT_IMPLEMENTED_EXIT_CODE = 2
 
 
 class PlainLogHandler(logging.StreamHandler):
@@ -87,31 +84,6 @@ def _disable_progress_bars() -> None:
 def print_error(message: str) -> None:
     """One red line on stderr: `error: <message>`."""
     err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-
-
-def not_implemented(command: str) -> None:
-    """Stop a command whose library function does not exist yet (exit code 2)."""
-    err.print(f"nanovlm {command}: not yet implemented", soft_wrap=True, markup=False)
-    raise typer.Exit(NOT_IMPLEMENTED_EXIT_CODE)
-
-
-def library_function(module: str, name: str, command: str) -> Callable[..., Any]:
-    """`module.name`, or exit 2 "not yet implemented" when that module or function is not written yet.
-
-    Only the absence of `module` itself (or of `name` in it) counts as "not implemented": an import error
-    raised *inside* an existing module is a real bug and propagates with its traceback. `train` is the last
-    caller; once it imports its library directly (as the other commands do), this and `not_implemented` go.
-    """
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (exc.name == module or module.startswith(exc.name + ".")):
-            not_implemented(command)
-        raise
-    fn = getattr(mod, name, None)
-    if fn is None:
-        not_implemented(command)
-    return fn  # type: ignore[return-value]
 
 
 def to_jsonable(value: Any) -> Any:

@@ -84,8 +84,9 @@ EXIT_STATUS = [
     ("0", "Success."),
     ("1", ("A user error (bad value, missing file, unsound checkpoint), printed as one line starting with "
            "'error:'; or an internal error, printed with its traceback.")),
-    ("2", "Bad command-line usage, or a command that is not implemented yet."),
-    ("130", "Interrupted (Ctrl-C)."),
+    ("2", "Bad command-line usage."),
+    ("130", "Interrupted (Ctrl-C); an interrupted train saves its checkpoint first."),
+    ("143", "Stopped by SIGTERM; an interrupted train saves its checkpoint first."),
 ]
 
 

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 import typer
 
 from nanovlm_cli.cli.arguments import check_device, check_output_dir
-from nanovlm_cli.cli.console import err, library_function, mapping_table, out, print_json
+from nanovlm_cli.cli.console import err, mapping_table, out, print_json
 from nanovlm_cli.cli.options import (
     MEMORY_PANEL,
     CompileOpt,
@@ -228,7 +228,7 @@ def train(
         return
 
     check_output_dir(Path(train_cfg.output_dir), "--output-dir")  # below a file: one line now, not a crash later
-    run_training = library_function("nanovlm_cli.training", "train", "train")
+    from nanovlm_cli.training import train as run_training  # torch: imported only when training runs
     from nanovlm_cli.training.signals import TrainingInterrupted  # torch: imported only when training runs
 
     checkpoint_log = logging.getLogger("nanovlm_cli.checkpoint.io")
