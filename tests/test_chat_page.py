@@ -63,7 +63,10 @@ class Page:
 @pytest.fixture
 def browser(tmp_path):
     if CHROMIUM is None:
-        pytest.skip("no chromium on this machine (apt-get install chromium; .ci/run installs it)")
+        message = "no chromium on this machine (apt-get install chromium; .ci/run installs it)"
+        if os.environ.get("CI", "").lower() == "true":  # in CI a missing browser is a failure, never a pass
+            pytest.fail(message)
+        pytest.skip(message)
     profile = tmp_path / "profile"
     proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
