@@ -13,14 +13,13 @@ from rich.text import Text
 
 import nanovlm_cli.training
 from nanovlm_cli.cli import app as app_module
-from nanovlm_cli.cli.dashboard import Dashboard
+from nanovlm_cli.cli.dashboard import Dashboard, progress_callback
 from nanovlm_cli.cli.progress import (
     LogProgress,
     SilentProgress,
     end_line,
     format_bytes,
     format_duration,
-    progress_callback,
     sparkline,
 )
 from nanovlm_cli.training.metrics import RunInfo, StepMetrics, TrainSummary

@@ -25,7 +25,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from nanovlm_cli.cli.console import err
 from nanovlm_cli.cli.progress import (
+    LogProgress,
     RunState,
     SilentProgress,
     end_line,
@@ -33,6 +35,7 @@ from nanovlm_cli.cli.progress import (
     format_duration,
     format_loss,
     format_lr,
+    is_main_process,
     memory_items,
     sparkline,
 )
@@ -158,3 +161,17 @@ class Dashboard(SilentProgress):
         else:
             body = Text("no memory figures yet", style="dim")
         return Panel(body, title=Text("memory", style="bold"), title_align="left", border_style="blue")
+
+
+def progress_callback(interval: int, *, dashboard: bool = True, console: Console | None = None) -> SilentProgress:
+    """The callback for this process: silent off rank 0, a live dashboard on a terminal, plain lines otherwise.
+
+    Use it as a context manager so a live display is stopped even when training raises.
+    """
+    console = console or err  # stderr
+    if not is_main_process():
+        return SilentProgress()
+    if dashboard and console.is_terminal and not console.is_dumb_terminal:
+        return Dashboard(console)
+    return LogProgress(interval, console)
+

@@ -1,7 +1,7 @@
 """Training progress on stderr: the callbacks `nanovlm train` hands to the library's training loop.
 
 The loop never prints; it calls `on_start/on_step/on_validation/on_checkpoint/on_end` (the `TrainCallback`
-protocol of `nanovlm_cli.training.metrics`) on every rank. `progress_callback` picks what this process shows:
+protocol of `nanovlm_cli.training.metrics`) on every rank. `dashboard.progress_callback` picks what this process shows:
 nothing on ranks other than 0, the live Rich dashboard (`cli/dashboard.py`) on a terminal, and plain log lines
 otherwise (CI, a log file, `--no-dashboard`).
 
@@ -364,19 +364,3 @@ class LogProgress(SilentProgress):
 def is_main_process() -> bool:
     """Rank 0 of a torchrun job, or a plain single process (RANK unset)."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def progress_callback(interval: int, *, dashboard: bool = True, console: Console | None = None) -> SilentProgress:
-    """The callback for this process: silent off rank 0, a live dashboard on a terminal, plain lines otherwise.
-
-    Use it as a context manager so a live display is stopped even when training raises.
-    """
-    console = console or err
-    if not is_main_process():
-        return SilentProgress()
-    if dashboard and console.is_terminal and not console.is_dumb_terminal:
-        from nanovlm_cli.cli.dashboard import Dashboard
-
-        return Dashboard(console)
-    return LogProgress(interval, console)
-

@@ -18,6 +18,7 @@ import typer
 
 from nanovlm_cli.cli.arguments import check_device, check_output_dir
 from nanovlm_cli.cli.console import err, mapping_table, out, print_json
+from nanovlm_cli.cli.dashboard import progress_callback
 from nanovlm_cli.cli.options import (
     MEMORY_PANEL,
     CompileOpt,
@@ -31,7 +32,7 @@ from nanovlm_cli.cli.options import (
     VisionEncoderName,
     as_str,
 )
-from nanovlm_cli.cli.progress import interrupted_exit_code, is_main_process, progress_callback, summary_lines
+from nanovlm_cli.cli.progress import interrupted_exit_code, is_main_process, summary_lines
 from nanovlm_cli.errors import ConfigError
 from nanovlm_cli.run_config import TRAIN_FIELDS, resolve_resume_config, resolve_run_config
 
