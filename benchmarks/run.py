@@ -368,8 +368,9 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             rows.append(("", "peak MB", f"{o['peak_memory_mb']:.0f}", f"{r['peak_memory_mb']:.0f}", ""))
         elif c["kind"] == "pipeline":
             rows.append((c["name"], "samples/s pipeline vs compute", f"{c['pipeline_samples_per_s']:.1f}",
-                         f"{c['compute_samples_per_s']:.1f} (compute)", f"gap {100 * c['gap']:.1f}% [{100 * c['gap_range']['min']:.1f} to "
-                         f"{100 * c['gap_range']['max']:.1f}]"))
+                         f"{c['compute_samples_per_s']:.1f} (compute)",
+                         (f"gap {100 * c['gap']:.1f}% [{100 * c['gap_range']['min']:.1f} to "
+                          f"{100 * c['gap_range']['max']:.1f}]")))
         else:
             o, r = c["ours"], c["reference"]
             rows.append((c["name"], "prefill tok/s", f"{o['prefill_tokens_per_s']:.0f}",

@@ -22,8 +22,8 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click.exceptions import ClickException, UsageError  # type: ignore[no-redef]
 
 from nanovlm_cli import __version__
-from nanovlm_cli.cli import eval as eval_cmd
 from nanovlm_cli.cli import chat, generate, push, serve, train, validate, vram
+from nanovlm_cli.cli import eval as eval_cmd
 from nanovlm_cli.cli.console import err, print_error, setup_logging
 from nanovlm_cli.cli.options import NanoCommand, NanoGroup
 from nanovlm_cli.errors import NanoVLMError
