@@ -30,6 +30,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -342,6 +343,19 @@ class _UnusableStretch:
         return f"no usable training sample in {name}: {where} skipped ({skipped}); {'; '.join(dict.fromkeys(fixes))}"
 
 
+# Abandoned threads still get this long to finish the record in hand: a daemon thread left inside a torch op when
+# the interpreter exits can abort the process ("terminate called without an active exception"); only a read that
+# is truly stuck is left behind.
+ABANDON_GRACE_S = 2.0
+
+
+def _join(threads: list[threading.Thread], timeout: float | None) -> None:
+    """Join `threads`, all within `timeout` seconds together (None: wait as long as it takes)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for thread in threads:
+        thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
 class _EncodePool:
     """`map` over `n` daemon threads, results in order. Unlike ThreadPoolExecutor's workers, daemon threads never
     hold the process at exit, so a read stuck on a dead mount cannot keep a stopped run alive."""
@@ -382,9 +396,7 @@ class _EncodePool:
                 task[2].cancel()
         for _ in self._threads:
             self._tasks.put(None)
-        if wait:
-            for thread in self._threads:
-                thread.join()
+        _join(self._threads, None if wait else ABANDON_GRACE_S)
 
 
 def _prefetch(windows: Iterator[_Window], depth: int, abandon: threading.Event) -> Iterator[_Window]:
@@ -431,8 +443,7 @@ def _prefetch(windows: Iterator[_Window], depth: int, abandon: threading.Event) 
         raise
     finally:
         stop.set()
-        if not abandon.is_set():
-            thread.join()
+        _join([thread], ABANDON_GRACE_S if abandon.is_set() else None)
 
 
 def validation_batches(source: Any, encode: Callable[[Record], Sample], *, n_batches: int, batch_size: int,
