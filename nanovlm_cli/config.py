@@ -1,32 +1,28 @@
-"""Configuration dataclasses: vision, language, projector, image processing, VLM and training.
+"""Configuration dataclasses: vision, language, projector, image processing and the VLM (training: train_config.py).
 
-A config is the single description of what a model computes and how it is trained. Each class validates itself
-in `__post_init__`, first every field against its type (`field_types`: a config file's "false" is not False) and
-then its range (so an impossible config fails before any weight is loaded, naming the field), round-trips
-through `to_dict` / `from_dict` (JSON-safe), and exposes derived sizes as properties rather than stored copies.
+A config is the single description of what a model computes (`TrainConfig`, of how it is trained, lives in
+`train_config.py` and is re-exported here). Each class validates itself in `__post_init__`, first every field
+against its type (`field_types`: a config file's "false" is not False) and then its range (so an impossible config
+fails before any weight is loaded, naming the field), round-trips through `to_dict` / `from_dict` (JSON-safe), and
+exposes derived sizes as properties rather than stored copies.
 Nothing here imports torch: the CLI builds and prints configs without it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Literal, Self
+from dataclasses import dataclass, field
+from typing import Literal
 
-from nanovlm_cli.errors import ConfigError
-from nanovlm_cli.field_types import (
-    Mismatch,
-    check_field_types,  # noqa: F401 (re-exported: run_config, validation)
-    coerce,
-    field_types,
-    kind_of,
-    type_error,
+from nanovlm_cli.config_base import (  # noqa: F401 (DEVICE_NAMES ... load_json_config: re-exported, their old home)
+    DEVICE_NAMES,
+    _Config,
+    _require,
+    check_device_name,
+    is_device_name,
+    load_json_config,
 )
+from nanovlm_cli.field_types import check_field_types  # noqa: F401 (re-exported: run_config, validation)
+from nanovlm_cli.train_config import TrainConfig  # noqa: F401 (re-exported: TrainConfig's old home)
 
 VisionKind = Literal["siglip", "dinov2", "dinov3"]
 ResizeMode = Literal["fixed", "tiles", "aspect"]
@@ -36,84 +32,6 @@ SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-DEVICE_NAMES = "auto, cpu, cuda, cuda:N (N a GPU index) or mps"
-
-
-def is_device_name(name: object) -> bool:
-    """A device spelling we accept (whether this machine has that device is checked when one is chosen)."""
-    return isinstance(name, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name) is not None
-
-
-def check_device_name(name: str) -> str:
-    """`name`, or `ConfigError` when it is not a device spelling (see `is_device_name`)."""
-    if not is_device_name(name):
-        raise ConfigError(f"device {name!r} is not a device; use {DEVICE_NAMES}")
-    return name
-
-
-class _Config:
-    """Shared JSON round-trip and field-type checking for the dataclasses below."""
-
-    _label = ""  # how messages name this config's fields: "vision" -> "vision.hidden_dim"
-
-    def _check_types(self) -> None:
-        """Check (and normalise: 4.0 -> 4, 1 -> 1.0, lists -> tuples) every field against its annotation."""
-        for name, tp in field_types(type(self)).items():
-            if name.startswith("_"):
-                continue
-            value = getattr(self, name)
-            try:
-                coerced = coerce(value, tp)
-            except Mismatch as exc:
-                raise type_error(f"{self._label}.{name}" if self._label else name, value, exc.expected) from None
-            if coerced is not value:
-                object.__setattr__(self, name, coerced)  # frozen dataclass: normalising its own field
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if isinstance(value, _Config):
-                value = value.to_dict()
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[f.name] = value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{cls._label or cls.__name__} must be a table of {cls.__name__} fields, got "
-                              f"{kind_of(data)} ({data!r:.60}); fix the config")
-        known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(
-                f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(known)}"
-            )
-        kwargs: dict[str, Any] = {}
-        for name, value in data.items():
-            sub = _SUBCONFIGS.get((cls.__name__, name))
-            if sub is not None and isinstance(value, dict):
-                value = sub.from_dict(value)
-            elif isinstance(value, list):
-                value = tuple(value)
-            kwargs[name] = value
-        return cls(**kwargs)
-
-    def replace(self, **changes: Any) -> Self:
-        """A validated copy with `changes` applied (configs are never mutated in place)."""
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
 
 @dataclass(frozen=True)
@@ -381,111 +299,3 @@ class VLMConfig(_Config):
         language = l.n_layers * (attn + 3 * l.hidden_dim * l.intermediate_dim)
         language += l.total_vocab_size * l.hidden_dim * (1 if l.tie_embeddings else 2)
         return vision + proj + language
-
-
-@dataclass(frozen=True)
-class TrainConfig(_Config):
-    """Everything about a training run that does not change what the model computes."""
-
-    _label = "train"
-
-    dataset: str = "shapes"  # "shapes", a Hub id, a save_to_disk dir, parquet/jsonl files or LLaVA JSON
-    dataset_config: str | None = None  # comma-separated subsets of a Hub dataset
-    split: str = "train"
-    stream: bool = False
-    image_root: str | None = None
-    min_rating: int | None = None
-    dataset_size: int = 20000  # samples of the built-in shapes dataset
-    shapes_turns: int = 1  # questions per image in shapes training conversations
-    shapes_multiple_choice: float = 0.5  # fraction of shapes training questions in multiple-choice form
-    output_dir: str = "runs"
-    run_name: str | None = None
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 1000
-    max_seq_len: int = 1024
-    max_images_per_row: int = 16
-    packing: bool = True  # knapsack-pack several samples per row (off: one sample per row)
-    pack_buffer: int = 4  # batches whose samples are packed together (1 keeps each batch's samples together)
-    lr_mp: float = 2e-3
-    lr_vision: float = 5e-5
-    lr_language: float = 5e-5
-    # "muon": torch.optim.Muon at lr_muon on the 2-D weight matrices of the hidden layers, AdamW on the rest
-    optimizer: Literal["adamw", "muon"] = "adamw"
-    lr_muon: float = 0.02
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    compile: bool = False
-    gradient_checkpointing: bool = False
-    freeze_vision_encoder: bool = False
-    freeze_projector: bool = False
-    freeze_language_model: bool = False
-    save_checkpoint_steps: int = 500
-    keep_last_checkpoints: int = 2
-    validation_steps: int = 250
-    validation_batches: int = 8
-    eval_interval: int = 0  # run the shapes/MMStar-style eval every N steps (0: only at the end if supported)
-    eval_size: int = 200
-    console_log_interval: int = 20
-    resume: str | None = None
-    report_to: Literal["none", "wandb", "tensorboard"] = "none"
-    wandb_project: str | None = None
-    wandb_entity: str | None = None
-    hf_repo_name: str | None = None
-    num_workers: int = 0
-    max_threads: int | None = None
-    device: str = "auto"
-    seed: int = 0
-    max_nonfinite_steps: int = 5
-
-    def __post_init__(self) -> None:
-        self._check_types()
-        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "max_seq_len",
-                     "save_checkpoint_steps", "validation_steps", "console_log_interval", "max_images_per_row",
-                     "pack_buffer", "shapes_turns"):
-            _require(getattr(self, name) > 0, f"train.{name}={getattr(self, name)} must be positive")
-        for name in ("lr_mp", "lr_vision", "lr_language", "lr_muon", "weight_decay"):
-            _require(getattr(self, name) >= 0 and math.isfinite(getattr(self, name)),
-                     f"train.{name}={getattr(self, name)} must be a finite number >= 0")
-        _require(0 <= self.warmup_ratio < 1, f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
-        _require(0 <= self.shapes_multiple_choice <= 1,
-                 f"train.shapes_multiple_choice={self.shapes_multiple_choice} must be a fraction in [0, 1]")
-        _require(self.num_workers >= 0, f"train.num_workers={self.num_workers} must be >= 0")
-        _require(self.optimizer in ("adamw", "muon"), f"train.optimizer={self.optimizer!r} is not one of adamw, muon")
-        _require(self.report_to in ("none", "wandb", "tensorboard"),
-                 f"train.report_to={self.report_to!r} is not one of none, wandb, tensorboard")
-        _require(self.keep_last_checkpoints >= 1, "train.keep_last_checkpoints must be >= 1")
-        _require(is_device_name(self.device), f"train.device={self.device!r} is not a device; use {DEVICE_NAMES}")
-        if self.run_name:  # the run directory is output_dir/run_name and must stay inside output_dir
-            _require(self.run_name.strip() not in (".", "..")
-                     and not any(sep in self.run_name for sep in "/\\"),
-                     f"train.run_name={self.run_name!r} is not a plain name (a path separator, '.' or '..' would put "
-                     "the run outside the output directory); use a name like 'my-run' and --output-dir for the place")
-        _require(not (self.freeze_vision_encoder and self.freeze_projector and self.freeze_language_model),
-                 "every part of the model is frozen; unfreeze at least one of vision, projector, language")
-
-
-_SUBCONFIGS: dict[tuple[str, str], type[_Config]] = {
-    ("VLMConfig", "vision"): VisionConfig,
-    ("VLMConfig", "language"): LanguageConfig,
-    ("VLMConfig", "projector"): ProjectorConfig,
-    ("VLMConfig", "image"): ImageConfig,
-}
-
-
-def load_json_config(path: str | Path) -> dict[str, Any]:
-    """Read a JSON or TOML file of config fields (for `--config run.toml`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass an existing .json or .toml file")
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            return tomllib.loads(text)
-        return json.loads(text)
-    except (ValueError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"config file {path} does not parse: {exc}; fix its syntax") from exc
