@@ -162,16 +162,18 @@ def model_card(
     eval_results: dict[str, Any] | None = None,
     repo_id: str | None = None,
     license: str | None = None,
+    library: str = "nanovlm",
 ) -> str:
     """A README.md with Hub metadata for a checkpoint of `cfg`, every statement taken from the checkpoint's data.
 
-    `license` overrides the license derived from the base models (`card_license`).
+    `license` overrides the license derived from the base models (`card_license`). `library` "transformers" is the
+    card of an exported directory (`checkpoint/export.py`): its metadata and usage name transformers.
     """
     base_models = [m for m in (cfg.vision.hub_id, cfg.language.hub_id) if m]
     dataset = str(summary["dataset"]) if summary and summary.get("dataset") else None
     shapes = dataset == "shapes"
     lic = card_license(base_models, license)
-    meta = ["---", "library_name: nanovlm", "pipeline_tag: image-text-to-text", f"license: {lic.license}"]
+    meta = ["---", f"library_name: {library}", "pipeline_tag: image-text-to-text", f"license: {lic.license}"]
     if lic.name:
         meta.append(f"license_name: {lic.name}")
     meta.append("tags:" + _yaml_list(["vision-language", "multimodal", "nanovlm"]))
@@ -238,6 +240,8 @@ def model_card(
         image = "shape.png"
     else:
         question, image_step, image = "What is in this image?", [], "photo.jpg"
+    if library == "transformers":
+        return "\n".join(lines + _transformers_usage(where, image, question, image_step))
     lines += [
         "", "## Usage", "", "```bash", "pip install nanovlm-cli", *image_step,
         f'nanovlm generate {image} "{question}" --checkpoint {where}', "```", "",
@@ -246,3 +250,17 @@ def model_card(
         f'print(model.generate("{image}", "{question}", greedy=True))', "```", "",
     ]
     return "\n".join(lines)
+
+
+def _transformers_usage(where: str, image: str, question: str, image_step: list[str]) -> list[str]:
+    """The usage section of an exported (transformers) directory."""
+    setup = ["", "```bash", "pip install nanovlm-cli  # only to draw the example image", *image_step, "```"]
+    return [
+        "", "## Usage", "", ("This directory is in the transformers Idefics3 format (`nanovlm export`); plain "
+                             "transformers runs it, nanovlm is not needed."), *(setup if image_step else []), "",
+        "```python", "from transformers import pipeline", "",
+        f'pipe = pipeline("image-text-to-text", model="{where}")',
+        (f'messages = [{{"role": "user", "content": [{{"type": "image", "url": "{image}"}}, '
+         f'{{"type": "text", "text": "{question}"}}]}}]'),
+        'print(pipe(text=messages, max_new_tokens=32, return_full_text=False)[0]["generated_text"])', "```", "",
+    ]
