@@ -10,6 +10,7 @@ Nothing here imports torch: the CLI builds and prints configs without it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,7 +26,7 @@ from nanovlm_cli.field_types import check_field_types  # noqa: F401 (re-exported
 from nanovlm_cli.train_config import TrainConfig  # noqa: F401 (re-exported: TrainConfig's old home)
 
 VisionKind = Literal["siglip", "dinov2", "dinov3"]
-ResizeMode = Literal["fixed", "tiles", "aspect"]
+ResizeMode = Literal["fixed", "tiles", "aspect", "idefics3"]
 
 # Normalisation constants of the backbone families (recorded in every config that uses them).
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -200,6 +201,10 @@ class ImageConfig(_Config):
     `resample` is the filter of the main resize ("bilinear" for upstream nanoVLM's fixed-size `Resize`);
     `fill_max_side` resizes the longest side to max_side even when that enlarges the image (upstream's
     `resize_to_max_side_len`); `global_view` False drops the global view (upstream's tiles before it had one).
+    - "idefics3": transformers' Idefics3/SmolVLM image processor exactly: the longest edge to max_side
+      (`size.longest_edge`), both sides rounded up to tiles of tile_size (`max_image_size.longest_edge`), tiles
+      row-major then the global view last; `split` False (`do_image_splitting`) gives the global view only. The
+      resizes run on uint8 tensors with `resample` ("lanczos" in the published models), as its torchvision backend.
     """
 
     _label = "image"
@@ -210,45 +215,57 @@ class ImageConfig(_Config):
     max_grid: int = 8
     global_view: bool = True
     multiple_of: int = 64
-    resample: Literal["bicubic", "bilinear"] = "bicubic"
+    resample: Literal["bicubic", "bilinear", "lanczos"] = "bicubic"
     fill_max_side: bool = False
+    split: bool = True  # "idefics3" only: do_image_splitting
     mean: tuple[float, float, float] | None = SIGLIP_MEAN
     std: tuple[float, float, float] | None = SIGLIP_STD
 
     def __post_init__(self) -> None:
         self._check_types()
-        _require(self.mode in ("fixed", "tiles", "aspect"),
-                 f"image.mode={self.mode!r} is not one of fixed, tiles, aspect")
+        _require(self.mode in ("fixed", "tiles", "aspect", "idefics3"),
+                 f"image.mode={self.mode!r} is not one of fixed, tiles, aspect, idefics3")
         _require(self.tile_size > 0 and self.max_side > 0 and self.max_grid > 0 and self.multiple_of > 0,
                  "image.tile_size, image.max_side, image.max_grid and image.multiple_of must be positive")
         _require((self.mean is None) == (self.std is None), "image.mean and image.std must both be set or both None")
-        _require(self.resample in ("bicubic", "bilinear"), f"image.resample={self.resample!r} is not one of "
-                 "bicubic, bilinear")
+        _require(self.resample in ("bicubic", "bilinear", "lanczos"), f"image.resample={self.resample!r} is not one "
+                 "of bicubic, bilinear, lanczos")
         if self.std is not None:
             _require(all(s > 0 for s in self.std), f"image.std={self.std} must be positive")
 
 
 @dataclass(frozen=True)
 class VLMConfig(_Config):
-    """The whole model: vision encoder -> projector -> decoder, the image processing and the chat template."""
+    """The whole model: vision encoder -> projector -> decoder, the image processing and the chat template.
+
+    `chat_template` "jinja" renders `jinja_template` (a checkpoint's own Jinja source, e.g. SmolVLM's), whose assistant
+    turns end with `end_of_turn`; `fake_image_token` wraps image-token runs in the "idefics3" image layout.
+    """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
-    chat_template: Literal["chatml", "gemma", "plain"] = "chatml"
+    chat_template: Literal["chatml", "gemma", "plain", "jinja"] = "chatml"
+    jinja_template: str | None = None
+    end_of_turn: str | None = None
     image_token: str = "<|image|>"
     global_image_token: str = "<|global_image|>"
+    fake_image_token: str = "<fake_token_around_image>"
     max_images_per_sample: int = 8
     image_token_id: int | None = None  # set from the tokenizer when the model is built; saved with the model
     source_format: Literal["nanovlm", "upstream"] = "nanovlm"
 
     def __post_init__(self) -> None:
         self._check_types()
-        _require(self.chat_template in ("chatml", "gemma", "plain"),
-                 f"chat_template={self.chat_template!r} is not one of chatml, gemma, plain")
+        _require(self.chat_template in ("chatml", "gemma", "plain", "jinja"),
+                 f"chat_template={self.chat_template!r} is not one of chatml, gemma, plain, jinja")
+        if self.chat_template == "jinja":
+            _require(bool(self.jinja_template) and bool(self.end_of_turn),
+                     "chat_template='jinja' needs jinja_template (the Jinja source) and end_of_turn (the token that "
+                     "closes an assistant turn); set both or use chatml, gemma or plain")
         factor = self.projector.pixel_shuffle_factor
-        if self.image.mode in ("fixed", "tiles"):
+        if self.image.mode in ("fixed", "tiles", "idefics3"):
             grid = self.image.tile_size // self.vision.patch_size
             _require(self.image.tile_size % self.vision.patch_size == 0,
                      f"image.tile_size={self.image.tile_size} is not a multiple of "
@@ -261,7 +278,9 @@ class VLMConfig(_Config):
             _require(self.image.multiple_of % unit == 0,
                      f"image.multiple_of={self.image.multiple_of} must be a multiple of patch_size*pixel_shuffle="
                      f"{unit} so every grid divides by the pixel-shuffle factor")
-        _require(self.language.extra_vocab_size >= len(self.extra_tokens),
+        # "idefics3": the checkpoint's tokenizer may hold these tokens already (SmolVLM's does); load_tokenizer checks
+        # that every one of them fits the embedding
+        _require(self.image.mode == "idefics3" or self.language.extra_vocab_size >= len(self.extra_tokens),
                  f"language.extra_vocab_size={self.language.extra_vocab_size} is smaller than the "
                  f"{len(self.extra_tokens)} extra image tokens; set it to at least {len(self.extra_tokens)}")
         _require(self.max_images_per_sample > 0, "max_images_per_sample must be positive")
@@ -275,9 +294,12 @@ class VLMConfig(_Config):
     @property
     def tile_tokens(self) -> list[str]:
         """`<row_i_col_j>` markers for every tile position, 1-based as in nanoVLM/SmolVLM."""
-        if self.image.mode != "tiles":
+        if self.image.mode == "idefics3":  # as many as the longest edge can make
+            n = math.ceil(min(self.image.max_side, 4096) / self.image.tile_size) if self.image.split else 0
+        elif self.image.mode != "tiles":
             return []
-        n = self.image.max_grid
+        else:
+            n = self.image.max_grid
         return [f"<row_{i}_col_{j}>" for i in range(1, n + 1) for j in range(1, n + 1)]
 
     @property
@@ -285,6 +307,9 @@ class VLMConfig(_Config):
         """Tokens added to the tokenizer (once), in id order; no global-image token for tiles without a global view
         (upstream nanoVLM's first tiles checkpoints: `<|image|>` then the `<row_i_col_j>` markers)."""
         no_global = self.image.mode == "tiles" and not self.image.global_view
+        if self.image.mode == "idefics3":
+            end = [self.end_of_turn] if self.end_of_turn else []
+            return [self.fake_image_token, self.image_token, *end, self.global_image_token, *self.tile_tokens]
         return [self.image_token, *([] if no_global else [self.global_image_token]), *self.tile_tokens]
 
     def n_params_estimate(self) -> int:
