@@ -9,6 +9,7 @@ a check that cannot run because an earlier one failed is recorded as skipped, ne
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -17,9 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
-from nanovlm_cli.config import VLMConfig
+from nanovlm_cli.checkpoint.files import read_json, resolve_checkpoint, weight_files
+from nanovlm_cli.checkpoint.io import (
+    CONFIG_FILE,
+    CheckpointConfig,
+    checkpoint_kind,
+    classify_config,
+    complete_config,
+    load_checkpoint_tokenizer,
+    load_model,
+)
+from nanovlm_cli.checkpoint.upstream import convert_upstream_state_dict
+from nanovlm_cli.config import VLMConfig, check_field_types
 from nanovlm_cli.errors import CheckpointError, NanoVLMError
+from nanovlm_cli.models.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +95,6 @@ class _Header:
 
 
 def _read_headers(directory: Path) -> _Header:
-    from safetensors import safe_open
-
-    from nanovlm_cli.checkpoint.files import weight_files
-
     header = _Header({}, {})
     for file in weight_files(directory):
         try:
@@ -104,8 +114,6 @@ def _as_ours(header: _Header, cfg: VLMConfig, upstream: bool) -> dict[str, dict[
     metas = {key: torch.empty(shape, dtype=dtype, device="meta") for key, (shape, dtype) in header.tensors.items()}
     if not upstream:
         return {key: {key: meta} for key, meta in metas.items()}
-    from nanovlm_cli.checkpoint.upstream import convert_upstream_state_dict
-
     untied = cfg.replace(language=cfg.language.replace(tie_embeddings=False))  # keep a stored head visible
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, meta in metas.items():
@@ -117,10 +125,8 @@ def _as_ours(header: _Header, cfg: VLMConfig, upstream: bool) -> dict[str, dict[
 
 
 def _meta_model(cfg: VLMConfig) -> dict[str, torch.Tensor]:
-    from nanovlm_cli.models.vlm import VisionLanguageModel
-
     with torch.device("meta"):
-        model = VisionLanguageModel(cfg if cfg.image_token_id is not None else cfg.replace(image_token_id=0))
+        model = VisionLanguageModel(cfg)
     return model.state_dict()
 
 
@@ -132,6 +138,7 @@ class _Validator:
         self.source, self.device = source, device
         self.directory: Path | None = None
         self.raw: dict[str, Any] = {}
+        self.checkpoint: CheckpointConfig | None = None
         self.cfg: VLMConfig | None = None
         self.upstream = False
         self.header: _Header | None = None
@@ -168,14 +175,10 @@ class _Validator:
     # -- checks ---------------------------------------------------------------------------------------------------
 
     def files(self) -> str:
-        from nanovlm_cli.checkpoint.files import read_json, resolve_source, weight_files
-
-        directory = resolve_source(self.source)
-        self.raw = read_json(directory / "config.json")
+        directory = resolve_checkpoint(self.source)
+        self.raw = read_json(directory / CONFIG_FILE)
         self.directory = directory  # the config exists: later checks can run even if other files are missing
-        from nanovlm_cli.checkpoint.io import is_upstream_config
-
-        self.upstream = is_upstream_config(self.raw)
+        self.upstream = checkpoint_kind(self.raw) == "upstream"
         found = ["config.json", *(w.name for w in weight_files(directory))]
         if not self.upstream:
             tokenizer_files = [n for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -187,26 +190,31 @@ class _Validator:
         return f"{directory}: {', '.join(found)}"
 
     def config(self) -> str:
-        from nanovlm_cli.checkpoint.io import read_model_config
-        from nanovlm_cli.config import check_field_types
-
         if not self.upstream and isinstance(self.raw.get("model"), dict):  # name the file and the field
-            check_field_types(VLMConfig, self.raw["model"], "model.", source="config.json")
+            check_field_types(VLMConfig, self.raw["model"], "model.", source=CONFIG_FILE)
 
-        cfg = read_model_config(self._directory)  # VLMConfig validates itself
-        if not self.upstream and cfg.image_token_id is None:
-            raise CheckpointError("config has no image_token_id; re-save the checkpoint with nanovlm")
-        if not self.upstream and not 0 <= int(cfg.image_token_id or 0) < cfg.language.total_vocab_size:
+        self.checkpoint = classify_config(self.raw, self._directory)  # VLMConfig validates itself
+        cfg = self.checkpoint.cfg
+        if cfg.image_token_id is not None and not 0 <= cfg.image_token_id < cfg.language.total_vocab_size:
             raise CheckpointError(f"image_token_id={cfg.image_token_id} is outside the {cfg.language.total_vocab_size}"
                                   "-row embedding; the config and the tokenizer disagree")
         self.cfg = cfg
-        fmt = "upstream nanoVLM" if self.upstream else "nanovlm"
-        return (f"{fmt} format: {cfg.vision.kind} {cfg.vision.n_layers}L/{cfg.vision.hidden_dim}, decoder "
+        fmt = "upstream nanoVLM format" if self.upstream else f"nanovlm format {self.checkpoint.format_version}"
+        return (f"{fmt}: {cfg.vision.kind} {cfg.vision.n_layers}L/{cfg.vision.hidden_dim}, decoder "
                 f"{cfg.language.n_layers}L/{cfg.language.hidden_dim}, vocab {cfg.language.total_vocab_size}")
 
+    def _buildable_cfg(self) -> VLMConfig:
+        """The config with its image token id: a config saved without one (upstream) takes it from its tokenizer."""
+        if self._cfg.image_token_id is None:
+            assert self.checkpoint is not None
+            self.tokenizer = load_checkpoint_tokenizer(self.checkpoint)
+            self.cfg = complete_config(self._cfg, self.tokenizer)
+        return self._cfg
+
     def tensors(self) -> str:
-        cfg, directory = self._cfg, self._directory
+        directory = self._directory
         self.header = header = _read_headers(directory)
+        cfg = self._buildable_cfg()
         expected = _meta_model(cfg)
         stored: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         head = None
@@ -240,8 +248,6 @@ class _Validator:
                 f"dtype {', '.join(dtypes)}")
 
     def finite(self) -> str:
-        from safetensors import safe_open
-
         bad: list[str] = []
         by_file: dict[Path, list[str]] = {}
         for key, file in self._header.files.items():
@@ -269,8 +275,6 @@ class _Validator:
             return "untied: separate output head stored"
         if head is None:
             return "tied: the output head is the token embedding (stored once)"
-        from safetensors import safe_open
-
         if embed is None:
             if self.upstream:  # what upstream's save_model writes: the shared tensor once, under the head's name
                 return f"tied: stored once as {head}, which is also the token embedding"
@@ -285,18 +289,20 @@ class _Validator:
         return f"tied: {head} stored and equal to {embed}"
 
     def tokenizer_check(self) -> str:
-        from nanovlm_cli.data.tokenizer import load_tokenizer
-
-        cfg, directory = self._cfg, self._directory
-        tokenizer = load_tokenizer(cfg, source=None if self.upstream else directory)
+        assert self.checkpoint is not None
+        directory = self._directory
+        tokenizer = self.tokenizer or load_checkpoint_tokenizer(self.checkpoint)  # tensors may have loaded it
+        cfg = self.cfg = complete_config(self._cfg, tokenizer)
         limit = cfg.language.total_vocab_size
         if len(tokenizer) > limit:
             raise CheckpointError(f"the tokenizer has {len(tokenizer)} tokens but the model has {limit} embedding "
                                   "rows; ids past the table would crash, set language.extra_vocab_size")
         image_id = tokenizer.convert_tokens_to_ids(cfg.image_token)
-        if not self.upstream and image_id != cfg.image_token_id:
-            raise CheckpointError(f"{cfg.image_token} has id {image_id} in the tokenizer but image_token_id="
-                                  f"{cfg.image_token_id} in the config; re-save the checkpoint")
+        if image_id != cfg.image_token_id:
+            named = tokenizer.convert_ids_to_tokens(cfg.image_token_id) if cfg.image_token_id < len(tokenizer) else None
+            raise CheckpointError(f"config.json has image_token_id={cfg.image_token_id} (the tokenizer's "
+                                  f"{named!r}) but the tokenizer maps {cfg.image_token} to id {image_id}; the config "
+                                  "and the tokenizer disagree, re-save the checkpoint with its own tokenizer")
         # Prompts are built from the config's template name (`Processor`), so a tokenizer saved without its jinja
         # template still generates correctly here; only other runtimes (transformers' apply_chat_template) miss it.
         stored = not self.upstream and ((directory / "chat_template.jinja").is_file() or "chat_template" in (
@@ -324,7 +330,6 @@ class _Validator:
         return f"{image.mode}, {image.tile_size}px tiles, max side {image.max_side}, {norm}"
 
     def generation(self) -> str:
-        from nanovlm_cli.checkpoint.io import load_model
         from nanovlm_cli.data.processor import Processor
         from nanovlm_cli.data.shapes import mmstar_prompt, shapes_mmstar_rows
         from nanovlm_cli.distributed import resolve_device
@@ -341,8 +346,6 @@ class _Validator:
 
 
 def _json_or_empty(path: Path) -> dict[str, Any]:
-    import json
-
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
     except json.JSONDecodeError:

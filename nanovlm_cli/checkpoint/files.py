@@ -1,8 +1,10 @@
 """Finding and reading model files: a Hub id or a local directory through one code path.
 
 `resolve_source` returns a local directory for either (the Hub goes through huggingface_hub's cache, so
-`HF_HUB_OFFLINE=1` works with whatever is cached); `read_safetensors` reads single-file or sharded weights.
-Weights are safetensors only: we never unpickle a weights file.
+`HF_HUB_OFFLINE=1` works with whatever is cached); `resolve_checkpoint` is the one resolver of what a user passes as
+a checkpoint (a Hub id, a checkpoint directory, or a run directory of `nanovlm train`, which means its newest
+checkpoint); `read_safetensors` reads single-file or sharded weights. Weights are safetensors only: we never unpickle
+a weights file.
 """
 
 from __future__ import annotations
@@ -43,6 +45,23 @@ def resolve_source(source: str | Path, allow_patterns: list[str] | None = None) 
             f"could not get {source!r} from the Hugging Face Hub ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             "check the repo id, your network and HF_TOKEN, or pass a local directory"
         ) from exc
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """The checkpoint directory `source` names: a Hub repo's snapshot, a checkpoint directory, or for a run directory
+    of `nanovlm train` (`run_config.json`, `final/`, `checkpoints/step-N/`) its `final/` checkpoint, else its newest
+    step checkpoint (a run stopped before it finished)."""
+    directory = resolve_source(source)
+    if (directory / "config.json").is_file() or not (directory / "run_config.json").is_file():
+        return directory  # a checkpoint (or not a run: reading its config.json names what is missing)
+    if (directory / "final" / "config.json").is_file():
+        return directory / "final"
+    steps = [p for p in (directory / "checkpoints").glob("step-*")
+             if p.name[5:].isdigit() and (p / "config.json").is_file()]
+    if not steps:
+        raise CheckpointError(f"{directory} is a training run without a saved checkpoint yet (no final/ and no "
+                              "checkpoints/step-N); wait for the first checkpoint or pass another one")
+    return max(steps, key=lambda p: int(p.name[5:]))
 
 
 def read_json(path: Path) -> dict[str, Any]:
