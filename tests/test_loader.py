@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanovlm_cli.data.loader import TrainLoader, validation_batches
+from nanovlm_cli.data.loader import SkipCounter, TrainLoader, validation_batches
 from nanovlm_cli.data.sample import Batch, Record, Sample
 from nanovlm_cli.data.schemas import row_to_record
-from nanovlm_cli.data.sources import SkipCounter, StreamRecords
+from nanovlm_cli.data.sources import StreamRecords
 from nanovlm_cli.errors import DataError
 
 

@@ -194,3 +194,23 @@ def test_builtin_shapes_and_unreachable_hub_ids():
     assert len(shapes) == 5 and len(shapes[0].images) == 1
     with pytest.raises(DataError, match="could not load dataset 'someone/not-a-dataset'"):
         open_source("someone/not-a-dataset", config="a,b")
+
+
+def test_skip_counter_lives_with_the_loader_and_keeps_its_old_import_path():
+    from nanovlm_cli.data import loader, skips, sources
+
+    assert sources.SkipCounter is loader.SkipCounter is skips.SkipCounter
+    assert "SkipCounter" in sources.__all__ and "SkipCounter" in loader.__all__
+
+
+def test_builtin_datasets_open_through_the_registry_with_their_own_options():
+    from nanovlm_cli.data.sources import BUILTIN_SOURCES
+
+    assert set(BUILTIN_SOURCES) == {"shapes"}
+    mc = open_source("shapes", size=4, split="val", shapes_multiple_choice=1.0)
+    free = open_source("shapes", size=4, split="val", shapes_multiple_choice=0.0)
+    assert len(mc) == len(free) == 4
+    def user_text(record):
+        return "".join(part.get("text", "") for part in record.messages[0]["content"])
+
+    assert all("\nA. " in user_text(r) for r in mc) and not any("\nA. " in user_text(r) for r in free)

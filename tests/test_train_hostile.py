@@ -217,7 +217,7 @@ def test_ctrl_c_exits_130_with_a_loadable_checkpoint_and_the_printed_resume_comm
 _STALLING_RUN = """
 import sys, time
 from pathlib import Path
-import nanovlm_cli.training.data as training_data
+import nanovlm_cli.training.datasets as training_data
 from nanovlm_cli.cli.app import run
 
 real_open, marker, after = training_data.open_source, Path(sys.argv[1]), int(sys.argv[2])
@@ -432,7 +432,7 @@ def test_summary_lines_round_scores_and_name_each_protocol_letter_last():
 def test_local_files_have_only_a_train_split_so_validation_never_reads_training_rows(tmp_path):
     from nanovlm_cli.data.sources import open_source
     from nanovlm_cli.presets import get_preset
-    from nanovlm_cli.training.data import _validation_source
+    from nanovlm_cli.training.datasets import training_dataset
 
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
@@ -441,4 +441,4 @@ def test_local_files_have_only_a_train_split_so_validation_never_reads_training_
     with pytest.raises(DataError, match=r"single split, 'train', not 'validation'"):
         open_source(str(path), split="validation")
     cfg = get_preset("tiny").train.replace(dataset=str(path))
-    assert _validation_source(cfg, None) is None  # no validation loss, rather than one on the training rows
+    assert training_dataset(cfg).validation_source(None) is None  # no validation loss, rather than one on the training rows

@@ -199,3 +199,69 @@ def test_compiled_training_matches_eager_losses(tmp_path):
     assert sorted(compiled) == sorted(eager) == [1, 2, 3, 4]
     for step in eager:
         assert abs(compiled[step] - eager[step]) <= 1e-4 * max(1.0, abs(eager[step])), (step, compiled, eager)
+
+
+# The keys of training_state.pt as the loop wrote them before RunState (issue 14): every checkpoint has these.
+_STATE_KEYS_BEFORE_RUNSTATE = {"step", "optimizer", "scheduler", "data", "skips", "rng", "samples_seen", "tokens_seen",
+                               "best_val_loss", "best_dir", "best_val_seen", "train_config"}
+
+
+def test_training_state_in_todays_format_loads_through_run_state(tmp_path):
+    import io
+
+    from nanovlm_cli.training.state import RunState, capture_rng, load_run_state
+
+    rng = capture_rng()
+    saved = {  # exactly the dict the pre-RunState loop passed to serialize_state
+        "step": 4, "optimizer": {"state": {}, "param_groups": [{"name": "language", "lr": 1e-3, "params": [0]}]},
+        "scheduler": {"last_epoch": 4}, "data": {"version": 1, "kind": "map", "epoch": 0, "start": 8},
+        "skips": {"too_long": 2}, "rng": rng, "samples_seen": 32, "tokens_seen": 4000, "best_val_loss": 2.5,
+        "best_dir": str(tmp_path / "checkpoints" / "step-000004"), "best_val_seen": 2.25,
+        "train_config": get_preset("tiny").train.to_dict(),
+    }
+    assert set(saved) == _STATE_KEYS_BEFORE_RUNSTATE
+    (tmp_path / "ckpt").mkdir()
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    (tmp_path / "ckpt" / STATE_FILE).write_bytes(buffer.getvalue())
+    state = load_run_state(tmp_path / "ckpt")
+    assert (state.step, state.samples_seen, state.tokens_seen) == (4, 32, 4000)
+    assert state.best_dir == tmp_path / "checkpoints" / "step-000004" and state.best_val_seen == 2.25
+    assert state.skips == {"too_long": 2} and state.optimizer == saved["optimizer"]
+    assert torch.equal(state.rng_for_rank(0)["torch"], rng["torch"])
+    again = state.to_dict()
+    assert set(again) == set(saved) and again["best_dir"] == saved["best_dir"]
+    assert all(again[k] == saved[k] for k in saved if k != "rng")
+    # Older checkpoints had no best_val_seen (it was the best loss) and no best checkpoint; DDP saved one RNG per rank.
+    older = {k: v for k, v in saved.items() if k != "best_val_seen"} | {"best_dir": None, "rng": [rng, rng]}
+    state = RunState.from_dict(older)
+    assert state.best_val_seen == 2.5 and state.best_dir is None and state.rng_for_rank(1) is rng
+    with pytest.raises(TrainingError, match="unknown keys"):
+        RunState.from_dict(saved | {"lora": {}})
+
+
+def test_a_run_saves_its_state_with_the_same_keys_as_before(tmp_path):
+    summary = train(get_preset("tiny").model, _train_cfg(tmp_path, "keys", max_steps=2, save_checkpoint_steps=2))
+    for checkpoint in (Path(summary.run_dir) / "final", Path(summary.run_dir) / "checkpoints" / "step-000002"):
+        saved = torch.load(checkpoint / STATE_FILE, weights_only=True)
+        assert set(saved) == _STATE_KEYS_BEFORE_RUNSTATE
+        assert saved["step"] == 2 and saved["samples_seen"] == summary.samples_seen
+
+
+def test_each_dataset_supplies_its_own_validation_split_and_evaluation(tmp_path):
+    from nanovlm_cli.data.skips import SkipCounter
+    from nanovlm_cli.training.datasets import BUILTIN_DATASETS, ShapesDataset, SourceDataset, training_dataset
+
+    cfg = get_preset("tiny").train.replace(dataset_size=10, validation_batches=2, batch_size=3, eval_size=5)
+    shapes = training_dataset(cfg)
+    assert isinstance(shapes, ShapesDataset) and BUILTIN_DATASETS["shapes"] is ShapesDataset
+    assert len(shapes.train_source(SkipCounter())) == 10 and len(shapes.validation_source()) == 6
+    assert callable(shapes.final_eval(processor=None))
+    assert training_dataset(cfg.replace(eval_size=0)).final_eval(processor=None) is None
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    local = training_dataset(cfg.replace(dataset=str(path)))
+    assert isinstance(local, SourceDataset) and local.name == str(path)
+    assert len(local.train_source(SkipCounter())) == 1
+    assert local.validation_source() is None and local.final_eval(processor=None) is None

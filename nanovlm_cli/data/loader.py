@@ -10,8 +10,9 @@ window is encoded, knapsack-packed as a whole (better packing than one batch alo
 - the resume state is three integers (epoch, window start, batches of that window already consumed) plus the skip
   counters; the window is rebuilt on resume and the consumed batches dropped, giving exactly the batches the
   uninterrupted iterator would have produced next, across epoch boundaries too;
-- prefetch (`num_workers > 0`: a producer thread encoding with `num_workers` threads) cannot change the order, and
-  the state moves only when a batch is handed out, so prefetched work is never counted as consumed.
+- prefetch (`num_workers > 0`: a producer thread encoding with `num_workers` threads, see `data.prefetch`) cannot
+  change the order, and the state moves only when a batch is handed out, so prefetched work is never counted as
+  consumed.
 
 Order, map-style sources: epoch e uses the permutation of range(N) seeded by (seed, e); rank r takes positions
 r, r + W, r + 2W, ... (strided). When W does not divide N, the shard is padded by wrapping around the permutation
@@ -28,11 +29,8 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -40,9 +38,14 @@ from typing import Any
 import numpy as np
 
 from nanovlm_cli.data.packing import balance_rows, collate, pack
+from nanovlm_cli.data.prefetch import ABANDON_GRACE_S, EncodePool, prefetch
 from nanovlm_cli.data.sample import Batch, Record, Sample
-from nanovlm_cli.data.sources import SkipCounter, is_map_style
+from nanovlm_cli.data.skips import SkipCounter
+from nanovlm_cli.data.sources import is_map_style
 from nanovlm_cli.errors import DataError, ImageError
+
+__all__ = ["ABANDON_GRACE_S", "DEFAULT_PACK_BUFFER", "MAX_UNUSABLE_RECORDS", "SkipCounter", "TrainLoader",
+           "validation_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,6 @@ STATE_VERSION = 1
 DEFAULT_PACK_BUFFER = 4  # batches whose records are packed together
 _PREFETCH_WINDOWS = 2
 MAX_UNUSABLE_RECORDS = 2000  # consecutive records without a usable sample before the loader gives up
-_END = object()
 
 # What to change, per skip reason, when nothing in the dataset is usable.
 _FIXES = {
@@ -103,7 +105,7 @@ class TrainLoader:
             raise DataError("the dataset has no rows; check the path, split and filters")
         self._epoch, self._start, self._consumed = 0, 0, 0  # consumed: batches of the window at _start
         self._perm_cache: tuple[int, np.ndarray] | None = None
-        self._pool: _EncodePool | None = None
+        self._pool: EncodePool | None = None
         self._abandon = threading.Event()  # set: an iteration stopped on an error or a signal; wait for no thread
 
     # ------------------------------------------------------------------ order
@@ -221,8 +223,8 @@ class TrainLoader:
         resume_consumed = self._consumed
         self._abandon = threading.Event()
         if self.num_workers > 0:
-            self._pool = _EncodePool(self.num_workers)
-            windows = _prefetch(self._windows(), _PREFETCH_WINDOWS, self._abandon)
+            self._pool = EncodePool(self.num_workers)
+            windows = prefetch(self._windows(), _PREFETCH_WINDOWS, self._abandon)
         else:
             windows = self._windows()
         unusable = _UnusableStretch(at_epoch_start=self._start == 0 and resume_consumed == 0)
@@ -341,109 +343,6 @@ class _UnusableStretch:
         fixes = [_FIXES.get(reason, "check the dataset") for reason, _ in ranked] or ["check the dataset"]
         where = f"all {self.records:,} rows" if self.whole_epoch else f"the last {self.records:,} rows read"
         return f"no usable training sample in {name}: {where} skipped ({skipped}); {'; '.join(dict.fromkeys(fixes))}"
-
-
-# Abandoned threads still get this long to finish the record in hand: a daemon thread left inside a torch op when
-# the interpreter exits can abort the process ("terminate called without an active exception"); only a read that
-# is truly stuck is left behind.
-ABANDON_GRACE_S = 2.0
-
-
-def _join(threads: list[threading.Thread], timeout: float | None) -> None:
-    """Join `threads`, all within `timeout` seconds together (None: wait as long as it takes)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    for thread in threads:
-        thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-
-
-class _EncodePool:
-    """`map` over `n` daemon threads, results in order. Unlike ThreadPoolExecutor's workers, daemon threads never
-    hold the process at exit, so a read stuck on a dead mount cannot keep a stopped run alive."""
-
-    def __init__(self, n: int) -> None:
-        self._tasks: queue.Queue = queue.Queue()
-        self._threads = [threading.Thread(target=self._work, name=f"nanovlm-encode-{i}", daemon=True)
-                         for i in range(n)]
-        for thread in self._threads:
-            thread.start()
-
-    def _work(self) -> None:
-        while (task := self._tasks.get()) is not None:
-            fn, item, future = task
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(item))
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller of map, which re-raises it
-                future.set_exception(exc)
-
-    def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
-        futures = []
-        for item in items:
-            future: Future = Future()
-            self._tasks.put((fn, item, future))
-            futures.append(future)
-        return [future.result() for future in futures]
-
-    def shutdown(self, wait: bool) -> None:
-        """Cancel what has not started, stop the threads; wait for them only when `wait`."""
-        while True:
-            try:
-                task = self._tasks.get_nowait()
-            except queue.Empty:
-                break
-            if task is not None:
-                task[2].cancel()
-        for _ in self._threads:
-            self._tasks.put(None)
-        _join(self._threads, None if wait else ABANDON_GRACE_S)
-
-
-def _prefetch(windows: Iterator[_Window], depth: int, abandon: threading.Event) -> Iterator[_Window]:
-    """Run `windows` in a producer thread, `depth` windows ahead; stops the producer when closed, and waits for it
-    unless `abandon` is set (as it is when the consumer leaves on an error or a signal)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in windows:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.05)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            item = _END
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread, which re-raises it
-            item = exc
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.05)
-                return
-            except queue.Full:
-                continue
-
-    thread = threading.Thread(target=produce, name="nanovlm-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    except GeneratorExit:
-        raise
-    except BaseException:
-        abandon.set()
-        raise
-    finally:
-        stop.set()
-        _join([thread], ABANDON_GRACE_S if abandon.is_set() else None)
 
 
 def validation_batches(source: Any, encode: Callable[[Record], Sample], *, n_batches: int, batch_size: int,

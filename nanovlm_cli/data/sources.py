@@ -1,8 +1,9 @@
 """Dataset adapters: every dataset users have -> one stream of lazy `Record`s.
 
-`open_source(spec)` accepts the built-in "shapes" set, a Hub dataset id (several comma-separated configs), a local
-`save_to_disk` directory, parquet files or directories, jsonl files and LLaVA-style JSON. The schema is detected per
-row (the_cauldron / FineVision `texts`, LLaVA `conversations`, chat `messages`), so a mixture of schemas works.
+`open_source(spec)` accepts a built-in dataset by name (`BUILTIN_SOURCES`: "shapes"), a Hub dataset id (several
+comma-separated configs), a local `save_to_disk` directory, parquet files or directories, jsonl files and LLaVA-style
+JSON. The schema is detected per row (the_cauldron / FineVision `texts`, LLaVA `conversations`, chat `messages`),
+so a mixture of schemas works.
 
 Main design choice: adapters never decode images and never drop rows silently. A map-style source (`len` +
 `getitem`) raises `RecordError` (a `DataError` with a `.reason`) for a row it cannot use, so whoever consumes it
@@ -17,7 +18,6 @@ import bisect
 import glob
 import json
 import logging
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from itertools import islice
@@ -26,64 +26,14 @@ from typing import Any, Protocol
 
 from nanovlm_cli.data.sample import Record
 from nanovlm_cli.data.schemas import RecordError, row_to_record
+from nanovlm_cli.data.shapes import shapes_records
+from nanovlm_cli.data.skips import SkipCounter  # re-exported: it lives with the loader (data.skips) since issue 14
 from nanovlm_cli.errors import DataError
 
-__all__ = ["ConcatRecords", "MapRecords", "RecordError", "RecordSource", "SkipCounter", "StreamRecords",
-           "is_map_style", "open_source", "row_to_record"]
+__all__ = ["BUILTIN_SOURCES", "ConcatRecords", "MapRecords", "RecordError", "RecordSource", "SkipCounter",
+           "StreamRecords", "is_map_style", "open_source", "row_to_record"]
 
 logger = logging.getLogger(__name__)
-
-SHAPES_DEFAULT_SIZE = 20000
-
-
-class SkipCounter:
-    """Skipped rows by reason. Thread-safe, mergeable, saveable (plain dict of ints) and summable across ranks."""
-
-    def __init__(self, counts: Mapping[str, int] | None = None) -> None:
-        self._counts: dict[str, int] = dict(counts or {})
-        self._lock = threading.Lock()
-
-    def add(self, reason: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[reason] = self._counts.get(reason, 0) + int(n)
-
-    def merge(self, other: SkipCounter | Mapping[str, int]) -> None:
-        for reason, n in (other.as_dict() if isinstance(other, SkipCounter) else other).items():
-            self.add(reason, n)
-
-    def __getitem__(self, reason: str) -> int:
-        return self._counts.get(reason, 0)
-
-    @property
-    def total(self) -> int:
-        return sum(self._counts.values())
-
-    def as_dict(self) -> dict[str, int]:
-        with self._lock:
-            return dict(sorted(self._counts.items()))
-
-    def state_dict(self) -> dict[str, int]:
-        return self.as_dict()
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        with self._lock:
-            self._counts = {str(k): int(v) for k, v in state.items()}
-
-    def all_reduced(self) -> SkipCounter:
-        """The counts summed over every rank (a collective: call it on all ranks); a copy when not distributed."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return SkipCounter(self.as_dict())
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, self.as_dict())
-        total = SkipCounter()
-        for counts in gathered:
-            total.merge(counts)
-        return total
-
-    def __repr__(self) -> str:
-        return f"SkipCounter({self.as_dict()})"
 
 
 class RecordSource(Protocol):
@@ -93,6 +43,20 @@ class RecordSource(Protocol):
 
 
 Converter = Callable[[Mapping[str, Any], int], Record]
+
+# ------------------------------------------------------------------ built-in datasets, opened by name
+
+SHAPES_DEFAULT_SIZE = 20000  # records of the built-in shapes set when no size is given
+
+
+def _open_shapes(*, split: str, size: int | None, seed: int, turns: int, multiple_choice: float) -> RecordSource:
+    return shapes_records(size if size is not None else SHAPES_DEFAULT_SIZE, seed=seed, split=split, turns=turns,
+                          multiple_choice=multiple_choice)
+
+
+# Each opens its records from (split, size, seed) and its own options; a training run asks its dataset object
+# (`training.datasets`) for the splits, so no caller tests a dataset's name.
+BUILTIN_SOURCES: dict[str, Callable[..., RecordSource]] = {"shapes": _open_shapes}
 
 
 # ------------------------------------------------------------------ row stores and the two source kinds
@@ -282,13 +246,14 @@ def open_source(spec: str, *, config: str | None = None, split: str = "train", s
                 image_root: str | None = None, min_rating: int | None = None, size: int | None = None,
                 seed: int = 0, skips: SkipCounter | None = None, shapes_turns: int = 1,
                 shapes_multiple_choice: float = 0.5) -> RecordSource:
-    """Open any supported dataset as Records (see the module docstring). `size` keeps the first `size` rows."""
-    if spec == "shapes":
-        from nanovlm_cli.data.shapes import shapes_records
+    """Open any supported dataset as Records (see the module docstring). `size` keeps the first `size` rows.
 
-        return shapes_records(size if size is not None else SHAPES_DEFAULT_SIZE, seed=seed, split=split,
-                              turns=shapes_turns, multiple_choice=shapes_multiple_choice)
-    import datasets
+    A name in `BUILTIN_SOURCES` opens that built-in dataset (the `shapes_*` options are the shapes dataset's own).
+    """
+    builtin = BUILTIN_SOURCES.get(spec)
+    if builtin is not None:
+        return builtin(split=split, size=size, seed=seed, turns=shapes_turns, multiple_choice=shapes_multiple_choice)
+    import datasets  # imported here: it takes seconds, and the built-in datasets do without it
 
     path = Path(spec).expanduser()
     if path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):

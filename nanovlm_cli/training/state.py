@@ -10,8 +10,9 @@ Layout of a run:
         summary.json
 
 Each checkpoint is written atomically by `checkpoint.io.save_model`, so a crash or SIGKILL mid-save leaves every
-earlier checkpoint whole. `training_state.pt` holds plain tensors and Python containers only and is read with
-`torch.load(weights_only=True)`.
+earlier checkpoint whole. `training_state.pt` is `RunState.to_dict()`: plain tensors and Python containers only, read
+with `torch.load(weights_only=True)` and turned back into a `RunState` by `RunState.from_dict`. That one dataclass is
+the only definition of what a run saves and restores.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import io
 import json
 import random
 import shutil
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,53 @@ import torch
 from nanovlm_cli.errors import TrainingError
 
 STATE_FILE = "training_state.pt"
+
+
+@dataclass
+class RunState:
+    """Where a run stands: everything the next optimizer step depends on besides the weights.
+
+    The training loop keeps one live `RunState` (the counters, the data position after the last finished step) and
+    saves a copy completed with the optimizer, scheduler and RNG states; resuming reads it back with `from_dict`.
+    The dict keys are the ones checkpoints have always used, so every `training_state.pt` ever written loads.
+    """
+
+    step: int = 0  # optimizer steps finished
+    samples_seen: int = 0  # over all ranks
+    tokens_seen: int = 0
+    best_val_loss: float | None = None  # the validation loss of `best_dir`
+    best_dir: Path | None = None  # the best checkpoint by validation loss (never pruned)
+    best_val_seen: float | None = None  # the lowest validation loss of the run, checkpointed or not
+    data: dict[str, Any] = field(default_factory=dict)  # TrainLoader.state_dict() after the last finished step
+    skips: dict[str, int] = field(default_factory=dict)  # SkipCounter.state_dict() at the same point
+    rng: Any = None  # capture_rng() of this process, or a list with one per rank under DDP
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    train_config: dict[str, Any] = field(default_factory=dict)  # TrainConfig.to_dict() of the run that saved
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["best_dir"] = str(self.best_dir) if self.best_dir else None
+        return out
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> RunState:
+        """Read a saved state; keys an older checkpoint lacks take their defaults (`best_val_seen`: the best loss)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(state) - known)
+        if unknown:
+            raise TrainingError(f"{STATE_FILE} has unknown keys {unknown}; it was written by a newer nanovlm, so "
+                                "upgrade nanovlm-cli to resume from it")
+        kept = {k: v for k, v in state.items() if k in known}
+        kept.setdefault("best_val_seen", state.get("best_val_loss"))
+        kept["best_dir"] = Path(state["best_dir"]) if state.get("best_dir") else None
+        for name in ("step", "samples_seen", "tokens_seen"):
+            kept[name] = int(kept.get(name, 0))
+        return cls(**kept)
+
+    def rng_for_rank(self, rank: int) -> dict[str, Any]:
+        """This rank's RNG states (a run saved by one process holds a single dict)."""
+        return self.rng[rank] if isinstance(self.rng, list) else self.rng
 
 
 def capture_rng() -> dict[str, Any]:
@@ -52,11 +101,16 @@ def serialize_state(state: dict[str, Any]) -> bytes:
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:
+    """The raw dict of a checkpoint's training state (`RunState.from_dict` reads it)."""
     path = checkpoint / STATE_FILE
     if not path.is_file():
         raise TrainingError(f"{checkpoint} has no {STATE_FILE}, so training cannot resume from it exactly; "
                             "pass a checkpoint written by `nanovlm train` (checkpoints/step-N or final)")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_run_state(checkpoint: Path) -> RunState:
+    return RunState.from_dict(load_training_state(checkpoint))
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
