@@ -39,7 +39,8 @@ class ProcessedImage:
     """The views of one image, in the order their image-token runs appear in the text.
 
     `grid` is rows x cols of tiles ((1, 1) when the image is not split); with `has_global` the first view is the
-    whole image at tile size (a 1x1 "tiles" image is just that global view).
+    whole image at tile size (a 1x1 "tiles" image is just that global view), except in the "idefics3" layout, where
+    the global view is the last one.
     """
 
     views: list[torch.Tensor]  # each (3, h, w) float
@@ -230,6 +231,84 @@ def _norm_stats(cfg: VLMConfig) -> tuple[torch.Tensor | None, torch.Tensor | Non
     return (torch.tensor(cfg.image.mean).view(3, 1, 1), torch.tensor(cfg.image.std).view(3, 1, 1))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The "idefics3" layout: transformers' Idefics3/SmolVLM image processor (its torchvision backend, AutoProcessor's
+# default), reproduced step by step with the same float arithmetic, so sizes and pixels come out the same.
+
+IDEFICS3_MAX_SIDE = 4096  # transformers' absolute cap on the resized longest edge (MAX_IMAGE_SIZE)
+
+
+def idefics3_resize_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
+    """(h, w) of the first resize: the longest edge becomes `longest_edge` (enlarging small images too), the other
+    side keeps the aspect ratio, truncated then made even; then scaled below 4096.
+
+    Example: 300x500 (h x w), longest 128 -> w 128, h int(128 / (500/300)) = 76 -> 76x128.
+    """
+    aspect = width / height
+    if width >= height:
+        width, height = longest_edge, int(longest_edge / aspect)
+        height += height % 2
+    else:
+        height, width = longest_edge, int(longest_edge * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    aspect = width / height
+    if width >= height and width > IDEFICS3_MAX_SIDE:
+        width, height = IDEFICS3_MAX_SIDE, int(IDEFICS3_MAX_SIDE / aspect)
+    elif height > width and height > IDEFICS3_MAX_SIDE:
+        height, width = IDEFICS3_MAX_SIDE, int(IDEFICS3_MAX_SIDE * aspect)
+    return max(height, 1), max(width, 1)
+
+
+def idefics3_tiles_size(height: int, width: int, tile: int) -> tuple[int, int]:
+    """(h, w) of the second resize (`resize_for_vision_encoder`): both sides up to multiples of `tile`, the short one
+    recomputed from the aspect ratio first. Example: 76x128, tile 32 -> w 128, h int(128 / (128/76)) = 76 -> 96x128."""
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect) / tile) * tile
+    return height, width
+
+
+def _resize_uint8(x: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:
+    """torchvision's tensor `resize` on the CPU, (1, 3, H, W) uint8 -> (1, 3, h, w) uint8, antialiased."""
+    if tuple(x.shape[-2:]) == size:
+        return x
+    native = resample != "bilinear" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    y = torch.nn.functional.interpolate(x if native else x.float(), size=list(size), mode=resample,
+                                        align_corners=False, antialias=True)
+    return y if native else y.round_().to(torch.uint8)
+
+
+def _process_idefics3(img: Image.Image, cfg: VLMConfig) -> ProcessedImage:
+    """Views in Idefics3's order: tiles row-major, then the global view (alone when the image is not split)."""
+    ic, t = cfg.image, cfg.image.tile_size
+    x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()[None]  # (1,3,H,W)
+    x = _resize_uint8(x, idefics3_resize_size(x.shape[2], x.shape[3], ic.max_side), ic.resample)
+    if not ic.split:
+        views = _resize_uint8(x, (t, t), ic.resample)  # (1, 3, t, t)
+        rows = cols = 1
+    else:
+        x = _resize_uint8(x, idefics3_tiles_size(x.shape[2], x.shape[3], t), ic.resample)
+        h, w = x.shape[2], x.shape[3]
+        if h > t or w > t:
+            rows, cols = math.ceil(h / t), math.ceil(w / t)
+            tiles = x.unfold(2, t, t).unfold(3, t, t).contiguous().view(1, 3, -1, t, t).permute(0, 2, 1, 3, 4)[0]
+            views = torch.cat([tiles, _resize_uint8(x, (t, t), ic.resample)])  # (rows*cols + 1, 3, t, t)
+        else:
+            views, rows, cols = x, 1, 1
+    if ic.mean is not None and ic.std is not None:  # transformers' fused rescale + normalise
+        mean = torch.tensor(ic.mean) * (1.0 / (1 / 255))
+        std = torch.tensor(ic.std) * (1.0 / (1 / 255))
+        pixels = (views.float() - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    else:
+        pixels = views * (1 / 255)
+    return ProcessedImage(list(pixels.unbind(0)), (rows, cols), True, [cfg.image_tokens_per_tile] * len(views))
+
+
 def process_image(img: Image.Image, cfg: VLMConfig) -> ProcessedImage:
     """Resize / split / normalise one RGB image as `cfg.image` says (see ImageConfig).
 
@@ -238,6 +317,8 @@ def process_image(img: Image.Image, cfg: VLMConfig) -> ProcessedImage:
     """
     if img.mode != "RGB":
         img = _to_rgb(img)
+    if cfg.image.mode == "idefics3":
+        return _process_idefics3(img, cfg)
     ic, mean, std = cfg.image, *_norm_stats(cfg)
     unit = cfg.vision.patch_size * cfg.projector.pixel_shuffle_factor
     width, height = img.size
