@@ -21,6 +21,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 
 from nanovlm_cli.checkpoint.card import model_card
+from nanovlm_cli.checkpoint.export import check_exportable, export_transformers
 from nanovlm_cli.checkpoint.files import weight_files
 from nanovlm_cli.checkpoint.io import read_model_config
 from nanovlm_cli.errors import HubError
@@ -28,6 +29,7 @@ from nanovlm_cli.validation import validate_checkpoint
 
 log = logging.getLogger(__name__)
 
+PUSH_FORMATS = ("nanovlm", "transformers")  # the checkpoint as saved, or `nanovlm export`'s directory
 # Files that never go to the Hub: training state for resume (large, and restores optimizer state).
 _NOT_UPLOADED = {"training_state.pt", "README.md"}
 
@@ -101,6 +103,22 @@ def prepare_upload_folder(checkpoint: Path, target: Path, *, repo_id: str, licen
     return target
 
 
+def prepare_transformers_folder(checkpoint: Path, target: Path, *, repo_id: str, license: str | None = None) -> Path:
+    """`nanovlm export`'s transformers directory of `checkpoint` in `target`, its model card naming `repo_id`."""
+    checkpoint = Path(checkpoint)
+    export_transformers(checkpoint, target)
+    n_params = 0
+    for file in weight_files(target):
+        with safe_open(str(file), framework="pt") as f:
+            n_params += sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (a safe_open handle, not a dict)
+    card = model_card(read_model_config(checkpoint), n_params=n_params,
+                      summary=_read_optional_json(checkpoint / "training_summary.json"),
+                      eval_results=_read_optional_json(checkpoint / "eval_results.json"), repo_id=repo_id,
+                      license=license, library="transformers")
+    (target / "README.md").write_text(card)
+    return target
+
+
 def _numel(shape: list[int]) -> int:
     n = 1
     for s in shape:
@@ -153,24 +171,32 @@ def push_checkpoint(
     commit_message: str | None = None,
     dry_run_dir: str | Path | None = None,
     license: str | None = None,
+    format: str = "nanovlm",
 ) -> PushResult:
     """Validate a checkpoint directory, then upload it as one commit (create_repo + upload_folder).
 
     The checks are `nanovlm validate`'s without the generation smoke test (`check_checkpoint`); a checkpoint that
     fails any of them is refused before anything is written or sent. With `dry_run_dir`, write exactly the folder
     that would be uploaded there instead and touch no network. `license` overrides the license derived from the
-    base models. The token comes from HF_TOKEN or the login cache and is never printed or logged.
+    base models. `format` "transformers" uploads `nanovlm export`'s directory instead of the checkpoint's own files
+    (refused before anything is written or sent when the model has no exact transformers form). The token comes
+    from HF_TOKEN or the login cache and is never printed or logged.
     """
     checkpoint = Path(checkpoint)
     check_repo_id(repo_id)
+    if format not in PUSH_FORMATS:
+        raise HubError(f"push format {format!r} is not one of {', '.join(PUSH_FORMATS)}")
+    prepare = prepare_transformers_folder if format == "transformers" else prepare_upload_folder
     if not (checkpoint / "config.json").is_file():
         raise HubError(f"{checkpoint} is not a checkpoint directory (no config.json); pass the directory "
                        "`nanovlm train` saved")
     target = _dry_run_target(dry_run_dir) if dry_run_dir is not None else None
     check_checkpoint(checkpoint)
+    if format == "transformers":
+        check_exportable(read_model_config(checkpoint))
     if target is not None:
         try:
-            prepare_upload_folder(checkpoint, target, repo_id=repo_id, license=license)
+            prepare(checkpoint, target, repo_id=repo_id, license=license)
         except OSError as exc:
             raise HubError(f"cannot write the dry-run folder {target} ({type(exc).__name__}: {exc.strerror or exc}); "
                            "pass a writable directory") from exc
@@ -184,7 +210,7 @@ def push_checkpoint(
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         with tempfile.TemporaryDirectory() as tmp:
-            folder = prepare_upload_folder(checkpoint, Path(tmp) / "upload", repo_id=repo_id, license=license)
+            folder = prepare(checkpoint, Path(tmp) / "upload", repo_id=repo_id, license=license)
             files = _listing(folder)
             log.info("uploading %d files (%.1f MB) to %s", len(files), sum(f.size for f in files) / 1e6, repo_id)
             info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,

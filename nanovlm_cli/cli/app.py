@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click.exceptions import ClickException, UsageError  # type: ignore[no-redef]
 
 from nanovlm_cli import __version__
-from nanovlm_cli.cli import chat, generate, push, serve, train, validate, vram
+from nanovlm_cli.cli import chat, export, generate, push, serve, train, validate, vram
 from nanovlm_cli.cli import eval as eval_cmd
 from nanovlm_cli.cli.console import err, print_error, setup_logging
 from nanovlm_cli.cli.options import NanoCommand, NanoGroup
@@ -83,6 +83,7 @@ _register(eval_cmd.evaluate, "eval")
 _register(vram.vram, "vram", allow_extra_args=True)
 _register(validate.validate, "validate")
 _register(push.push, "push")
+_register(export.export, "export")
 _register(chat.chat, "chat")
 _register(serve.serve, "serve")
 

@@ -3,12 +3,13 @@
 Thin layer over the library's hub module. The checkpoint must first pass `nanovlm validate`'s checks (without
 generation); a broken one is refused with one line. `--dry-run DIR` writes exactly what would be uploaded (weights,
 config, tokenizer, model card) into DIR and uploads nothing, so the card can be reviewed offline.
+`--format transformers` uploads `nanovlm export`'s transformers (Idefics3) directory instead of the checkpoint's files.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.table import Table
@@ -49,13 +50,16 @@ def push(
     license: Annotated[str | None, typer.Option(
         "--license", metavar="ID", help="License for the model card, e.g. apache-2.0 (default: from the base "
                                         "models' licenses, else other).")] = None,
+    format: Annotated[Literal["nanovlm", "transformers"], typer.Option(
+        "--format", help="What to upload: the checkpoint as saved, or `nanovlm export`'s transformers directory.")
+    ] = "nanovlm",
     json_output: JsonOpt = False,
 ) -> None:
     """Validate CHECKPOINT, then upload it to the Hub as REPO_ID with a model card."""
     from nanovlm_cli.hub import push_checkpoint  # torch-free --help: the library loads on use
 
     result = push_checkpoint(checkpoint, repo_id, private=private, revision=revision, commit_message=commit_message,
-                             dry_run_dir=as_str(dry_run), license=license)
+                             dry_run_dir=as_str(dry_run), license=license, format=format)
     if json_output:
         print_json(result)
     else:
