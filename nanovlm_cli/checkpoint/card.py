@@ -154,25 +154,8 @@ def _evaluation_lines(entries: list[EvalEntry], have_results: bool) -> list[str]
     return lines
 
 
-def model_card(
-    cfg: VLMConfig,
-    *,
-    n_params: int,
-    summary: dict[str, Any] | None = None,
-    eval_results: dict[str, Any] | None = None,
-    repo_id: str | None = None,
-    license: str | None = None,
-    library: str = "nanovlm",
-) -> str:
-    """A README.md with Hub metadata for a checkpoint of `cfg`, every statement taken from the checkpoint's data.
-
-    `license` overrides the license derived from the base models (`card_license`). `library` "transformers" is the
-    card of an exported directory (`checkpoint/export.py`): its metadata and usage name transformers.
-    """
-    base_models = [m for m in (cfg.vision.hub_id, cfg.language.hub_id) if m]
-    dataset = str(summary["dataset"]) if summary and summary.get("dataset") else None
-    shapes = dataset == "shapes"
-    lic = card_license(base_models, license)
+def _metadata(lic: CardLicense, base_models: list[str], dataset: str | None, library: str) -> str:
+    """The card's YAML front matter (what the Hub reads)."""
     meta = ["---", f"library_name: {library}", "pipeline_tag: image-text-to-text", f"license: {lic.license}"]
     if lic.name:
         meta.append(f"license_name: {lic.name}")
@@ -182,12 +165,13 @@ def model_card(
     if dataset and "/" in dataset:
         meta.append("datasets:" + _yaml_list([dataset]))
     meta.append("---")
-    name = repo_id or "nanovlm model"
+    return "\n".join(meta)
+
+
+def _model_lines(cfg: VLMConfig, n_params: int) -> list[str]:
     vision = cfg.vision.hub_id or f"{cfg.vision.kind} ViT trained from scratch"
     language = cfg.language.hub_id or "decoder trained from scratch"
-    lines = [
-        "\n".join(meta), "", f"# {name}", "",
-        f"A vision-language model trained with [nanovlm](https://pypi.org/project/nanovlm-cli/) {__version__}.", "",
+    return [
         "| part | value |", "| --- | --- |",
         (f"| vision encoder | {vision} ({cfg.vision.n_layers} layers, {cfg.vision.hidden_dim} wide, "
          f"patch {cfg.vision.patch_size}) |"),
@@ -197,19 +181,28 @@ def model_card(
         f"| image processing | {cfg.image.mode}, {cfg.image.tile_size}px tiles, max side {cfg.image.max_side} |",
         f"| chat template | {cfg.chat_template} |",
     ]
-    if summary:
-        lines += ["", "## Training", "", "| metric | value |", "| --- | --- |"]
-        for key in ("dataset", "steps", "samples_seen", "final_loss", "final_val_loss", "best_val_loss"):
-            value = summary.get(key)
-            if value is not None:
-                lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
-        if isinstance(summary.get("wall_time_s"), (int, float)):
-            lines.append(f"| wall time | {_duration(summary['wall_time_s'])} |")
-        if summary.get("skipped"):
-            lines.append(f"| skipped samples | {json.dumps(summary['skipped'], sort_keys=True)} |")
-    entries = eval_entries(eval_results, (summary or {}).get("eval"))
-    lines += _evaluation_lines(entries, bool(eval_results or (summary or {}).get("eval")))
-    lines += ["", "## Intended use", ""]
+
+
+def _training_lines(summary: dict[str, Any] | None) -> list[str]:
+    if not summary:
+        return []
+    lines = ["", "## Training", "", "| metric | value |", "| --- | --- |"]
+    for key in ("dataset", "steps", "samples_seen", "final_loss", "final_val_loss", "best_val_loss"):
+        value = summary.get(key)
+        if value is not None:
+            lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
+    if isinstance(summary.get("wall_time_s"), (int, float)):
+        lines.append(f"| wall time | {_duration(summary['wall_time_s'])} |")
+    if summary.get("skipped"):
+        lines.append(f"| skipped samples | {json.dumps(summary['skipped'], sort_keys=True)} |")
+    return lines
+
+
+def _use_and_limits_lines(n_params: int, summary: dict[str, Any] | None, dataset: str | None,
+                          evaluated: bool) -> list[str]:
+    """The "Intended use" and "Limitations" sections: what the training data makes the model good for."""
+    shapes = dataset == "shapes"
+    lines = ["", "## Intended use", ""]
     if shapes:
         lines.append("A demonstration and test model: it was trained only on nanovlm's synthetic shapes dataset "
                      "(one or a few flat shapes on a plain background) and answers questions about their colour, "
@@ -227,29 +220,60 @@ def model_card(
     elif not summary:
         limits.append("The checkpoint records no training summary: what it was trained on is not known here.")
     limits.append("The scores above cover only the benchmarks and protocols listed; on anything else it is untested."
-                  if entries else "No evaluation result is recorded, so its accuracy is unknown.")
+                  if evaluated else "No evaluation result is recorded, so its accuracy is unknown.")
     if shapes:
         limits.append("Outside the shapes domain (real images, text in images, open conversation) its answers are "
                       "meaningless.")
-    lines += [f"- {text}" for text in limits]
-    lines += ["", "## License", "", lic.explanation]
-    where = repo_id or "<this repo>"
-    if shapes:
-        question = _shapes_question(entries)
-        image_step = ['python -c "from nanovlm_cli.data.shapes import render_example; render_example(\'shape.png\')"']
-        image = "shape.png"
-    else:
-        question, image_step, image = "What is in this image?", [], "photo.jpg"
-    if library == "transformers":
-        return "\n".join(lines + _transformers_usage(where, image, question, image_step))
-    lines += [
+    return lines + [f"- {text}" for text in limits]
+
+
+def _nanovlm_usage(where: str, image: str, question: str, image_step: list[str]) -> list[str]:
+    """The usage section of a nanovlm checkpoint: the command line and the Python API."""
+    return [
         "", "## Usage", "", "```bash", "pip install nanovlm-cli", *image_step,
         f'nanovlm generate {image} "{question}" --checkpoint {where}', "```", "",
         "```python", "from nanovlm_cli import VisionLanguageModel", "",
         f'model = VisionLanguageModel.from_pretrained("{where}")',
         f'print(model.generate("{image}", "{question}", greedy=True))', "```", "",
     ]
-    return "\n".join(lines)
+
+
+def model_card(
+    cfg: VLMConfig,
+    *,
+    n_params: int,
+    summary: dict[str, Any] | None = None,
+    eval_results: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+    license: str | None = None,
+    library: str = "nanovlm",
+) -> str:
+    """A README.md with Hub metadata for a checkpoint of `cfg`, every statement taken from the checkpoint's data.
+
+    `license` overrides the license derived from the base models (`card_license`). `library` "transformers" is the
+    card of an exported directory (`checkpoint/export.py`): its metadata and usage name transformers.
+    """
+    base_models = [m for m in (cfg.vision.hub_id, cfg.language.hub_id) if m]
+    dataset = str(summary["dataset"]) if summary and summary.get("dataset") else None
+    lic = card_license(base_models, license)
+    lines = [
+        _metadata(lic, base_models, dataset, library), "", f"# {repo_id or 'nanovlm model'}", "",
+        f"A vision-language model trained with [nanovlm](https://pypi.org/project/nanovlm-cli/) {__version__}.", "",
+        *_model_lines(cfg, n_params), *_training_lines(summary),
+    ]
+    entries = eval_entries(eval_results, (summary or {}).get("eval"))
+    lines += _evaluation_lines(entries, bool(eval_results or (summary or {}).get("eval")))
+    lines += _use_and_limits_lines(n_params, summary, dataset, bool(entries))
+    lines += ["", "## License", "", lic.explanation]
+    where = repo_id or "<this repo>"
+    if dataset == "shapes":
+        question = _shapes_question(entries)
+        image_step = ['python -c "from nanovlm_cli.data.shapes import render_example; render_example(\'shape.png\')"']
+        image = "shape.png"
+    else:
+        question, image_step, image = "What is in this image?", [], "photo.jpg"
+    usage = _transformers_usage if library == "transformers" else _nanovlm_usage
+    return "\n".join(lines + usage(where, image, question, image_step))
 
 
 def _transformers_usage(where: str, image: str, question: str, image_step: list[str]) -> list[str]:
