@@ -11,11 +11,21 @@ Each image slot expands to upstream nanoVLM's image string (`get_image_string`),
     tiles, grid 1x1:         <|global_image|> <|image|> * n
     tiles, grid 2x2:         <|global_image|> <|image|> * n  <row_1_col_1> <|image|> * n  ...  <row_2_col_2> <|image|> * n
 and, when a record has several images, each string is preceded by the text "<image: k>" (k from 0).
+
+The "idefics3" layout is Idefics3Processor's string instead (F = <fake_token_around_image>, G = <global-img>):
+    grid 1x1 (not split):    F G <image> * n F
+    grid 2x2:                F <row_1_col_1> <image> * n  F <row_1_col_2> <image> * n  "\n"  F <row_2_col_1> ...
+                             <image> * n  "\n\n"  F G <image> * n F
+With a "jinja" chat template (the checkpoint's own, e.g. SmolVLM's) transformers tokenises the whole rendered prompt
+at once, so text that touches template text between two special tokens ("Assistant: " + "A cat") merges into the
+same tokens; those runs are tokenised whole here too (with offsets, so labels stay exact: a token is supervised
+when any of its characters is), and only the special tokens of the template are parsed.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from typing import Any
 
@@ -24,7 +34,7 @@ import torch
 from nanovlm_cli.config import VLMConfig
 from nanovlm_cli.data.images import ProcessedImage, load_image, process_image
 from nanovlm_cli.data.sample import Record, Sample
-from nanovlm_cli.data.tokenizer import ROLES, ChatPiece, Turn, end_of_turn_token, render_chat
+from nanovlm_cli.data.tokenizer import ROLES, ChatPiece, JinjaChat, Turn, end_of_turn_token, render_chat
 from nanovlm_cli.errors import DataError, ImageError
 
 logger = logging.getLogger(__name__)
@@ -88,8 +98,14 @@ class Processor:
         self.global_image_token_id = (self._special_id(cfg.global_image_token, vocab)
                                       if cfg.global_image_token in cfg.extra_tokens else None)
         self._tile_ids = {tok: self._special_id(tok, vocab) for tok in cfg.tile_tokens}
+        self.fake_image_token_id = (self._special_id(cfg.fake_image_token, vocab) if cfg.image.mode == "idefics3"
+                                    else None)
+        self._jinja = (JinjaChat(cfg.jinja_template or "", cfg.end_of_turn or "", cfg.image_token)
+                       if cfg.chat_template == "jinja" else None)
+        added = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
+        self._added_re = re.compile("(" + "|".join(re.escape(t) for t in added) + ")") if added else None
         stops = [tokenizer.eos_token_id, cfg.language.eos_token_id]
-        eot = end_of_turn_token(cfg.chat_template)
+        eot = cfg.end_of_turn or end_of_turn_token(cfg.chat_template)
         if eot is not None and eot in vocab:
             stops.append(tokenizer.convert_tokens_to_ids(eot))
         self.stop_token_ids: list[int] = [i for i in dict.fromkeys(stops) if i is not None]
@@ -136,8 +152,22 @@ class Processor:
         with self._lock:  # slow tokenizers: the flag lives on the shared tokenizer
             return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=split_specials)["input_ids"])
 
+    def _idefics3_image_ids(self, image: ProcessedImage) -> list[int]:
+        """Idefics3Processor's image string as ids (see the module docstring): tiles row by row, the global view last."""
+        fake, run = self.fake_image_token_id, [self.image_token_id] * image.tokens_per_view[-1]
+        ids: list[int] = []
+        rows, cols = image.grid
+        if (rows, cols) != (1, 1):
+            for r in range(1, rows + 1):
+                for c in range(1, cols + 1):
+                    ids += [fake, self._tile_ids[f"<row_{r}_col_{c}>"], *run]
+                ids += self._ids("\n" if r < rows else "\n\n", True)
+        return ids + [fake, self.global_image_token_id, *run, fake]
+
     def image_token_ids(self, image: ProcessedImage, index: int, n_images: int) -> list[int]:
-        """The token ids an image slot expands to (upstream nanoVLM's `get_image_string`)."""
+        """The token ids an image slot expands to (upstream nanoVLM's `get_image_string`, or Idefics3's)."""
+        if self.cfg.image.mode == "idefics3":
+            return self._idefics3_image_ids(image)
         ids: list[int] = self._ids(f"<image: {index}>", False) if n_images > 1 else []
         counts = iter(image.tokens_per_view)
         if image.has_global:
@@ -165,7 +195,64 @@ class Processor:
                 raise SampleError(f"{where}, image {k}: {exc}", "unreadable_image") from exc
         return out
 
+    def _run_ids(self, run: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+        """(ids, labels) of text pieces that touch (no special token between them), tokenised as one string."""
+        text = "".join(t for t, _ in run)
+        backend = self._backends.get(True)
+        if backend is None:
+            raise DataError("a jinja chat template needs a fast (Rust) tokenizer, for token offsets; save the "
+                            "tokenizer as tokenizer.json")
+        supervised = [sup for t, sup in run for _ in t]  # per character
+        encoding = backend.encode(text, add_special_tokens=False)
+        labels = [i if any(supervised[a:b]) else IGNORE_INDEX for i, (a, b) in zip(encoding.ids, encoding.offsets)]
+        return list(encoding.ids), labels
+
+    def _build_jinja(self, turns: list[Turn], images: list[ProcessedImage], add_generation_prompt: bool) -> Sample:
+        """`_build` for a jinja template: runs of text between special tokens are tokenised whole (module docstring)."""
+        assert self._jinja is not None
+        pieces = self._jinja.render(turns, add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token)
+        ids: list[int] = []
+        labels: list[int] = []
+        run: list[tuple[str, bool]] = []
+
+        def flush() -> None:
+            if run:
+                run_ids, run_labels = self._run_ids(run)
+                ids.extend(run_ids)
+                labels.extend(run_labels)
+                run.clear()
+
+        for piece in pieces:
+            if piece.kind == "image":
+                flush()
+                expansion = self.image_token_ids(images[int(piece.value)], int(piece.value), len(images))
+                ids.extend(expansion)
+                labels.extend([IGNORE_INDEX] * len(expansion))
+            elif piece.kind == "text":
+                run.append((str(piece.value), piece.supervised))
+            else:
+                parts = self._added_re.split(str(piece.value)) if self._added_re else [str(piece.value)]
+                for k, part in enumerate(parts):
+                    if k % 2:  # a special token of the template
+                        flush()
+                        ids.append(self.tokenizer.convert_tokens_to_ids(part))
+                        labels.append(ids[-1] if piece.supervised else IGNORE_INDEX)
+                    elif part:
+                        run.append((part, piece.supervised))
+        flush()
+        prefix = self._prefix_ids()  # what the tokenizer adds around one sequence (BOS), as transformers' call does
+        ids, labels = prefix + ids, [IGNORE_INDEX] * len(prefix) + labels
+        views = [v for image in images for v in image.views]
+        return Sample(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), views)
+
+    def _prefix_ids(self) -> list[int]:
+        backend = self._backends.get(False)
+        return list(backend.encode("", add_special_tokens=True).ids) if backend is not None else []
+
     def _build(self, turns: list[Turn], images: list[ProcessedImage], add_generation_prompt: bool) -> Sample:
+        if self._jinja is not None:
+            return self._build_jinja(turns, images, add_generation_prompt)
         pieces: list[ChatPiece] = render_chat(
             turns, self.cfg.chat_template, add_generation_prompt=add_generation_prompt,
             bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token,

@@ -5,6 +5,8 @@ template scaffolding (special tokens parsed), which is message text (special-tok
 cannot type `<|image|>` into an image slot), which is an image slot, and which pieces are supervised. The processor
 tokenises piece by piece, so labels are exact by construction, never recovered by searching the rendered string.
 The same templates are also stored as jinja on the tokenizer so Hugging Face tools render the same text.
+A checkpoint that brings its own Jinja template (chat_template "jinja": SmolVLM) is rendered with that template by
+`JinjaChat`, then cut into the same kinds of pieces, so label masking stays exact there too.
 
 ChatML (SmolLM2), user "Hi" / assistant "Yo":
     <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nYo<|im_end|>\\n      supervised: "Yo", "<|im_end|>"
@@ -16,7 +18,9 @@ Plain (upstream nanoVLM's first checkpoints, images before the question):
 
 from __future__ import annotations
 
+import itertools
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -122,6 +126,106 @@ def render_chat(turns: list[Turn], template: str, *, add_generation_prompt: bool
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# A checkpoint's own Jinja template (chat_template "jinja", e.g. SmolVLM's), rendered as transformers renders it, then
+# cut into the same pieces: every text part is first rendered as a unique sentinel, so where each message's text
+# lands is known exactly; rendering the real text must give the same string with the sentinels substituted (a
+# template that trims or rewrites message text is refused rather than masked approximately).
+
+_SENTINEL = "\ue000{}\ue001"
+_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+class JinjaChat:
+    """Renders `source` (a Jinja chat template) into ChatPieces; supervised: assistant text parts and the first
+    `end_of_turn` after each assistant turn. Image parts must render as `image_token` (one per part, in order)."""
+
+    def __init__(self, source: str, end_of_turn: str, image_token: str) -> None:
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise jinja2.exceptions.TemplateError(message)
+
+        # the environment transformers' apply_chat_template uses (trim_blocks and lstrip_blocks change the output)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.globals["raise_exception"] = raise_exception
+        try:
+            self.template = env.from_string(source)
+        except jinja2.exceptions.TemplateError as exc:
+            raise ConfigError(f"the Jinja chat template does not parse ({exc}); fix jinja_template") from exc
+        self.end_of_turn, self.image_token = end_of_turn, image_token
+
+    def _render(self, turns: list[Turn], texts: list[str] | None, **kwargs) -> str:
+        messages, k = [], 0
+        for turn in turns:
+            content = []
+            for part in turn.parts:
+                if isinstance(part, int):
+                    content.append({"type": "image"})
+                else:
+                    content.append({"type": "text", "text": texts[k] if texts is not None else _SENTINEL.format(k)})
+                    k += 1
+            messages.append({"role": turn.role, "content": content})
+        try:
+            return self.template.render(messages=messages, **kwargs)
+        except Exception as exc:  # jinja2 raises TemplateError, the template itself may raise anything
+            raise ConfigError(f"the Jinja chat template failed to render ({exc}); fix jinja_template") from exc
+
+    def _supervised_spans(self, turns: list[Turn], scaffold: str, **kwargs) -> list[tuple[int, int]]:
+        """[start, end) of each assistant reply in `scaffold`: from where the generation prompt of the turns before it
+        ends (what the model is asked to continue) to the end of the first `end_of_turn` after its text."""
+        spans, k = [], 0
+        for m, turn in enumerate(turns):
+            n_texts = sum(isinstance(p, str) for p in turn.parts)
+            if turn.role == "assistant":
+                prompt = self._render(turns[:m], None, **{**kwargs, "add_generation_prompt": True})
+                first = scaffold.find(_SENTINEL.format(k)) if n_texts else -1
+                start = len(prompt) if scaffold.startswith(prompt) else first
+                last = scaffold.find(_SENTINEL.format(k + n_texts - 1)) if n_texts else start
+                end = scaffold.find(self.end_of_turn, max(last, start)) if start >= 0 else -1
+                if start >= 0 and end >= 0:
+                    spans.append((start, end + len(self.end_of_turn)))
+            k += n_texts
+        return spans
+
+    def render(self, turns: list[Turn], *, add_generation_prompt: bool = False, bos_token: str | None = None,
+               eos_token: str | None = None) -> list[ChatPiece]:
+        texts = [p for turn in turns for p in turn.parts if isinstance(p, str)]
+        kwargs = {"add_generation_prompt": add_generation_prompt, "bos_token": bos_token or "",
+                  "eos_token": eos_token or ""}
+        scaffold = self._render(turns, None, **kwargs)
+        found = [int(i) for i in _SENTINEL_RE.findall(scaffold)]
+        if found != list(range(len(texts))) or _SENTINEL_RE.sub(lambda m: texts[int(m[1])], scaffold) != \
+                self._render(turns, texts, **kwargs):
+            raise ConfigError("the Jinja chat template changes or reorders message text (e.g. trims it), so the "
+                              "supervised tokens cannot be found exactly; use a template that writes text as given")
+        spans = self._supervised_spans(turns, scaffold, **{**kwargs, "add_generation_prompt": False})
+        # cut the scaffold at sentinels, image tokens and span edges; each cut keeps its own kind and supervision
+        cuts = sorted({0, len(scaffold), *(e for span in spans for e in span),
+                       *(e for m in _SENTINEL_RE.finditer(scaffold) for e in m.span()),
+                       *(e for m in re.finditer(re.escape(self.image_token), scaffold) for e in m.span())})
+        pieces: list[ChatPiece] = []
+        n_images = 0
+        for a, b in itertools.pairwise(cuts):
+            chunk = scaffold[a:b]
+            supervised = any(s <= a and b <= e for s, e in spans)
+            sentinel = _SENTINEL_RE.fullmatch(chunk)
+            if sentinel:
+                if texts[int(sentinel[1])]:
+                    pieces.append(ChatPiece("text", texts[int(sentinel[1])], supervised))
+            elif chunk == self.image_token:
+                pieces.append(ChatPiece("image", n_images))
+                n_images += 1
+            elif chunk:
+                pieces.append(ChatPiece("template", chunk, supervised))
+        expected = sum(isinstance(p, int) for turn in turns for p in turn.parts)
+        if n_images != expected:
+            raise ConfigError(f"the Jinja chat template wrote {n_images} {self.image_token} for {expected} image "
+                              f"part(s); it must render each image part as {self.image_token}")
+        return pieces
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Jinja versions of the same templates, stored on the tokenizer for Hugging Face tools (image parts render as one
 # image token: the expansion into a token run depends on the image and is done by our processor).
 
@@ -224,7 +328,8 @@ def load_tokenizer(cfg: VLMConfig, source: str | Path | None = None):
                           f"{cfg.language.extra_vocab_size}); set language.extra_vocab_size to at least {needed}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.chat_template = chat_template_jinja(cfg.chat_template, cfg.image_token)
+    tokenizer.chat_template = (cfg.jinja_template if cfg.chat_template == "jinja"
+                               else chat_template_jinja(cfg.chat_template, cfg.image_token))
     return tokenizer
 
 
@@ -242,3 +347,15 @@ def save_tokenizer(tokenizer, directory: str | Path) -> None:
 def end_of_turn_token(template: str) -> str | None:
     """The token that closes an assistant turn under `template` (None for "plain", which ends with EOS)."""
     return END_OF_TURN.get(template)
+
+
+def resolve_pad_id(tokenizer: object, avoid: int | None = None) -> int:
+    """The id rows are padded with: the tokenizer's pad token (`load_tokenizer` makes it EOS when it has none), else 0.
+
+    Padding is never attended, so any id works except `avoid` (generation passes the image token, whose positions
+    receive image features): then 0, or 1 when `avoid` is 0. `tokenizer` may be None (a processor without one).
+    """
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is not None and int(pad) != avoid:
+        return int(pad)
+    return 1 if avoid == 0 else 0
