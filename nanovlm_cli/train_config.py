@@ -1,16 +1,42 @@
 """`TrainConfig`: everything about a training run that does not change what the model computes.
 
-Kept apart from the model configs (`config.py`, which re-exports it) so that each reads in one sitting.
-No torch import.
+Each field is declared once, with its one description (`option`): the help of its `nanovlm train` flag, the group
+it belongs to (the help panel it is listed under), and the bounds the flag checks. The command line, its help, the
+man page and the shell completions are all built from these (`cli/config_options.py`), so adding a training flag
+is adding one field here; its flag is `--field-name` (`--x/--no-x` for a boolean) unless `flag=` says otherwise.
+
+The fields are declared by group, in the order the help lists them, and the config stays flat (`cfg.lr_mp`): config
+files and saved `run_config.json` files are tables of these field names. Kept apart from the model configs
+(`config.py`, which re-exports it) so that each reads in one sitting. No torch import.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Literal
 
 from nanovlm_cli.config_base import DEVICE_NAMES, _Config, _require, is_device_name
+
+# The groups of a run's options, as titled in `nanovlm train --help` (the model choice, --preset and the backbone
+# swaps, belongs to the command: those are not training fields).
+DATA = "Data"
+OPTIMISATION = "Optimisation"
+MEMORY = "Freezing and memory"
+LOGGING = "Checkpoints, evaluation and logging"
+RUN = "Run"
+GROUPS = (DATA, OPTIMISATION, MEMORY, LOGGING, RUN)
+
+
+def option(default: Any = MISSING, *, help: str, group: str, min: float | None = None, max: float | None = None,
+           metavar: str | None = None, path: bool = False, flag: str | None = None) -> Any:
+    """A field described once: `help` (one or two sentences, shown by --help and the man page), its `group`, the
+    `min`/`max` its flag accepts, a `metavar`, `path` (the flag completes file names; the field holds a str), and
+    `flag` when the flag is not `--field-name`."""
+    if group not in GROUPS:
+        raise ValueError(f"option group {group!r} is not one of {', '.join(GROUPS)}")
+    metadata = {"help": help, "group": group, "min": min, "max": max, "metavar": metavar, "path": path, "flag": flag}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -19,56 +45,82 @@ class TrainConfig(_Config):
 
     _label = "train"
 
-    dataset: str = "shapes"  # "shapes", a Hub id, a save_to_disk dir, parquet/jsonl files or LLaVA JSON
-    dataset_config: str | None = None  # comma-separated subsets of a Hub dataset
-    split: str = "train"
-    stream: bool = False
-    image_root: str | None = None
-    min_rating: int | None = None
-    dataset_size: int = 20000  # samples of the built-in shapes dataset
-    shapes_turns: int = 1  # questions per image in shapes training conversations
-    shapes_multiple_choice: float = 0.5  # fraction of shapes training questions in multiple-choice form
-    output_dir: str = "runs"
-    run_name: str | None = None
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 1000
-    max_seq_len: int = 1024
-    max_images_per_row: int = 16
-    packing: bool = True  # knapsack-pack several samples per row (off: one sample per row)
-    pack_buffer: int = 4  # batches whose samples are packed together (1 keeps each batch's samples together)
-    lr_mp: float = 2e-3
-    lr_vision: float = 5e-5
-    lr_language: float = 5e-5
-    # "muon": torch.optim.Muon at lr_muon on the 2-D weight matrices of the hidden layers, AdamW on the rest
-    optimizer: Literal["adamw", "muon"] = "adamw"
-    lr_muon: float = 0.02
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    compile: bool = False
-    gradient_checkpointing: bool = False
-    freeze_vision_encoder: bool = False
-    freeze_projector: bool = False
-    freeze_language_model: bool = False
-    save_checkpoint_steps: int = 500
-    keep_last_checkpoints: int = 2
-    validation_steps: int = 250
-    validation_batches: int = 8
-    eval_interval: int = 0  # run the shapes/MMStar-style eval every N steps (0: only at the end if supported)
-    eval_size: int = 200
-    console_log_interval: int = 20
-    resume: str | None = None
-    report_to: Literal["none", "wandb", "tensorboard"] = "none"
-    wandb_project: str | None = None
-    wandb_entity: str | None = None
-    hf_repo_name: str | None = None
-    num_workers: int = 0
-    max_threads: int | None = None
-    device: str = "auto"
-    seed: int = 0
-    max_nonfinite_steps: int = 5
+    # --- data ----------------------------------------------------------------------------------------------------
+    dataset: str = option("shapes", group=DATA, help="shapes (built in), a Hub dataset id, a save_to_disk directory, "
+                                                     "parquet/jsonl files or a LLaVA JSON file.")
+    dataset_config: str | None = option(None, group=DATA, help="Comma-separated subsets of a Hub dataset.")
+    split: str = option("train", group=DATA, help="Dataset split to train on.")
+    stream: bool = option(False, group=DATA, help="Stream the dataset instead of downloading it first.")
+    image_root: str | None = option(None, group=DATA, metavar="DIR", path=True,
+                                    help="Directory that relative image paths are resolved against.")
+    min_rating: int | None = option(None, group=DATA,
+                                    help="Drop samples rated below this (datasets with quality ratings).")
+    dataset_size: int = option(20000, group=DATA, min=1, help="Samples of the built-in shapes dataset.")
+    shapes_turns: int = option(1, group=DATA, min=1, help="Questions per image in shapes training conversations.")
+    shapes_multiple_choice: float = option(0.5, group=DATA, min=0.0, max=1.0,
+                                           help="Fraction of shapes training questions asked as multiple choice.")
+    max_seq_len: int = option(1024, group=DATA, min=1, help="Tokens per packed row.")
+    max_images_per_row: int = option(16, group=DATA, min=1, help="Images allowed in one packed row.")
+    packing: bool = option(True, group=DATA, help="Pack several samples per row (block-causal attention).")
+    # 1 keeps each batch's samples together
+    pack_buffer: int = option(4, group=DATA, min=1, help="Batches whose samples are packed together.")
+    num_workers: int = option(0, group=DATA, min=0, help="DataLoader workers.")
+
+    # --- optimisation --------------------------------------------------------------------------------------------
+    batch_size: int = option(8, group=OPTIMISATION, min=1, help="Rows per micro-batch.")
+    gradient_accumulation_steps: int = option(1, group=OPTIMISATION, min=1, help="Micro-batches per optimizer step.")
+    max_steps: int = option(1000, group=OPTIMISATION, min=1, help="Optimizer steps to train for.")
+    lr_mp: float = option(2e-3, group=OPTIMISATION, min=0.0, help="Learning rate of the projector.")
+    lr_vision: float = option(5e-5, group=OPTIMISATION, min=0.0, help="Learning rate of the vision encoder.")
+    lr_language: float = option(5e-5, group=OPTIMISATION, min=0.0, help="Learning rate of the language model.")
+    # muon: torch.optim.Muon at lr_muon on the 2-D weight matrices of the hidden layers
+    optimizer: Literal["adamw", "muon"] = option("adamw", group=OPTIMISATION,
+                                                 help="adamw, or muon (Muon on the hidden weight matrices, AdamW on "
+                                                      "the rest).")
+    lr_muon: float = option(0.02, group=OPTIMISATION, min=0.0,
+                            help="Learning rate of the Muon-trained matrices (--optimizer muon).")
+    weight_decay: float = option(0.0, group=OPTIMISATION, min=0.0, help="AdamW weight decay.")
+    warmup_ratio: float = option(0.03, group=OPTIMISATION, help="Fraction of steps of linear warm-up.")
+    min_lr_ratio: float = option(0.0, group=OPTIMISATION,
+                                 help="Final learning rate as a fraction of the peak (cosine).")
+    max_grad_norm: float = option(1.0, group=OPTIMISATION, help="Gradient clipping norm.")
+    max_nonfinite_steps: int = option(5, group=OPTIMISATION,
+                                      help="Stop after this many consecutive non-finite losses.")
+
+    # --- freezing and memory -------------------------------------------------------------------------------------
+    compile: bool = option(False, group=MEMORY, help="torch.compile the model (CUDA; slower start).")
+    gradient_checkpointing: bool = option(False, group=MEMORY, help="Recompute activations in the backward pass: "
+                                                                    "less memory, about 30% more compute.")
+    freeze_vision_encoder: bool = option(False, group=MEMORY, help="Do not train the vision encoder.")
+    freeze_projector: bool = option(False, group=MEMORY, help="Do not train the projector.")
+    freeze_language_model: bool = option(False, group=MEMORY, help="Do not train the language model.")
+
+    # --- checkpoints, evaluation and logging ---------------------------------------------------------------------
+    output_dir: str = option("runs", group=LOGGING, metavar="DIR", path=True,
+                             help="Where runs and checkpoints are written.")
+    run_name: str | None = option(None, group=LOGGING, help="Name of the run (default: generated).")
+    save_checkpoint_steps: int = option(500, group=LOGGING, min=1, help="Save a checkpoint every N steps.")
+    keep_last_checkpoints: int = option(2, group=LOGGING, min=1, help="Checkpoints kept on disk (older ones deleted).")
+    validation_steps: int = option(250, group=LOGGING, min=1, help="Compute the validation loss every N steps.")
+    validation_batches: int = option(8, group=LOGGING, help="Batches per validation.")
+    # the dataset's own end-of-run evaluation (shapes: MMStar-style questions), when it has one
+    eval_interval: int = option(0, group=LOGGING, help="Run the benchmark every N steps (0: at the end only).")
+    eval_size: int = option(200, group=LOGGING, help="Samples per benchmark run.")
+    console_log_interval: int = option(20, group=LOGGING, min=1, help="Log to the console every N steps.")
+    report_to: Literal["none", "wandb", "tensorboard"] = option("none", group=LOGGING,
+                                                                help="Experiment tracker: none, wandb or tensorboard.")
+    wandb_project: str | None = option(None, group=LOGGING, help="wandb project.")
+    wandb_entity: str | None = option(None, group=LOGGING, help="wandb entity (default: your own).")
+    hf_repo_name: str | None = option(None, group=LOGGING,
+                                      help="Push the final model to this Hub repo; 'None' disables.")
+
+    # --- run -----------------------------------------------------------------------------------------------------
+    resume: str | None = option(None, group=RUN, metavar="DIR", path=True,
+                                help="Resume from a checkpoint directory: weights, optimizer, schedule, step, RNG "
+                                     "and data position.")
+    device: str = option("auto", group=RUN, help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps.")
+    seed: int = option(0, group=RUN, help="Random seed.")
+    max_threads: int | None = option(None, group=RUN, min=1, help="CPU threads torch may use.")
 
     def __post_init__(self) -> None:
         self._check_types()

@@ -22,7 +22,9 @@ try:  # typer >= 0.2x vendors click
 except ImportError:  # pragma: no cover - older typer on real click
     from click.exceptions import UsageError  # type: ignore[no-redef]
 
+from nanovlm_cli.cli.config_options import field_option
 from nanovlm_cli.presets import DINOV3_ALIASES, DINOV3_MODELS, LANGUAGE_MODELS, PRESETS
+from nanovlm_cli.train_config import MEMORY, TrainConfig
 
 DEFAULT_CHECKPOINT = "lusxvr/nanoVLM-450M"
 
@@ -364,23 +366,11 @@ CheckpointOpt = Annotated[
     str, typer.Option("--checkpoint", "-c", metavar="CHECKPOINT", help="Checkpoint directory or Hub model id.")
 ]
 PresetOpt = Annotated[PresetName, typer.Option("--preset", help="Named model + training preset (see README).")]
-MEMORY_PANEL = "Freezing and memory"
-CompileOpt = Annotated[
-    bool | None,
-    typer.Option("--compile/--no-compile", help="torch.compile the model (CUDA; slower start).",
-                 rich_help_panel=MEMORY_PANEL),
-]
-GradientCheckpointingOpt = Annotated[
-    bool | None,
-    typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
-                 help="Recompute activations in the backward pass: less memory, about 30% more compute.",
-                 rich_help_panel=MEMORY_PANEL),
-]
-FreezeVisionOpt = Annotated[
-    bool | None,
-    typer.Option("--freeze-vision-encoder/--no-freeze-vision-encoder", help="Do not train the vision encoder.",
-                 rich_help_panel=MEMORY_PANEL),
-]
+MEMORY_PANEL = MEMORY
+# The training fields that `vram` shares with `train`: their help is the field's own (train_config.py).
+CompileOpt = field_option(TrainConfig, "compile")
+GradientCheckpointingOpt = field_option(TrainConfig, "gradient_checkpointing")
+FreezeVisionOpt = field_option(TrainConfig, "freeze_vision_encoder")
 
 
 def as_str(path: Path | str | None) -> str | None:
