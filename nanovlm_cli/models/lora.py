@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovlm_cli.config import _Config, _require
+from nanovlm_cli.config_base import _Config, _require
 from nanovlm_cli.errors import ConfigError
 
 # What `--lora-targets` aliases expand to: attention and MLP projections of a part (the projector's single linear).
