@@ -31,11 +31,12 @@ from nanovlm_cli.checkpoint.io import load_model
 from nanovlm_cli.data.images import load_image
 from nanovlm_cli.data.processor import Processor
 from nanovlm_cli.data.sample import Sample
-from nanovlm_cli.data.tokenizer import load_tokenizer
-from nanovlm_cli.distributed import resolve_device
+from nanovlm_cli.data.tokenizer import load_tokenizer, resolve_pad_id
+from nanovlm_cli.devices import resolve_device, resolve_dtype
 from nanovlm_cli.errors import GenerationError
 from nanovlm_cli.models.kv_cache import KVCache, StaticKVCache
 from nanovlm_cli.models.vlm import VisionLanguageModel, compile_blocks
+from nanovlm_cli.streaming import RowOutput
 
 logger = logging.getLogger(__name__)
 
@@ -137,71 +138,6 @@ def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Per-row output: tokens, incremental text, stop conditions
-
-
-class _RowOutput:
-    """Tokens and text of one output row; streams new text with incremental detokenisation.
-
-    The whole answer is re-decoded at every token and only the new suffix is emitted, so a character whose bytes
-    span several tokens comes out whole (a trailing U+FFFD means "incomplete, wait"). With stop strings, text that
-    could be the start of one is held back until it is known not to be. Without streaming and stop strings
-    (`incremental` False) the text is decoded once, when the row finishes.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], stop_strings: tuple[str, ...], incremental: bool) -> None:
-        self.decode, self.stop_strings, self.incremental = decode, stop_strings, incremental
-        self.ids: list[int] = []
-        self.text = ""
-        self.emitted = 0
-        self.finish_reason: str | None = None
-
-    def add(self, token: int) -> str:
-        """Append `token`; return the newly final text (may be empty). Sets finish_reason on a stop string."""
-        self.ids.append(token)
-        if not self.incremental:
-            return ""
-        self.text = self.decode(self.ids)
-        safe = len(self.text)
-        for stop in self.stop_strings:
-            at = self.text.find(stop)
-            if at >= 0:
-                self.text, self.finish_reason = self.text[:at], "stop_string"
-                safe = at
-                break
-        else:
-            if self.text.endswith("\ufffd"):
-                safe = len(self.text.rstrip("\ufffd"))
-            safe -= _partial_stop_suffix(self.text[:safe], self.stop_strings)
-        return self._emit(safe)
-
-    def finish(self, reason: str) -> str:
-        """Mark the row done (if not already); return whatever text was still held back."""
-        self.finish_reason = self.finish_reason or reason
-        if not self.incremental:
-            self.text = self.decode(self.ids)
-        return self._emit(len(self.text))
-
-    def _emit(self, upto: int) -> str:
-        if upto <= self.emitted:
-            return ""
-        piece = self.text[self.emitted:upto]
-        self.emitted = upto
-        return piece
-
-
-def _partial_stop_suffix(text: str, stop_strings: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for stop in stop_strings:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
-
-
-# ------------------------------------------------------------------------------------------------------------------
 # The engine
 
 
@@ -211,6 +147,17 @@ class _Prefill:
     position_ids: torch.Tensor  # (B, T) long, 0 at each row's first real token
     segment_ids: torch.Tensor | None  # (B, T) long, 0 on padding; None when no row is padded
     next_pos: torch.Tensor  # (B,) long, each row's next position = its prompt length
+
+
+@dataclass
+class _Decoding:
+    """What the decode loop carries from the prefill, one row per answer (R = prompts x num_generations)."""
+
+    logits: torch.Tensor  # (R, V) next-token logits
+    next_pos: torch.Tensor  # (R,) long, each row's next position
+    segment_ids: torch.Tensor | None  # (R, S) long, 0 on padding; None when no row is padded (eager decode only)
+    cache: KVCache | None = None  # the growing cache of the eager decode
+    static: StaticKVCache | None = None  # the fixed-shape cache of the static decode
 
 
 def _left_pad(prompts: Sequence[Sample], pad_id: int, device: torch.device) -> _Prefill:
@@ -285,12 +232,8 @@ class Engine:
         return self._static
 
     def _pad_id(self) -> int:
-        """Any id that is not the image token works (padding is never attended); prefer the tokenizer's pad."""
-        for candidate in (getattr(self.processor, "pad_token_id", None),
-                          getattr(getattr(self.processor, "tokenizer", None), "pad_token_id", None), 0):
-            if candidate is not None and int(candidate) != self.model.image_token_id:
-                return int(candidate)
-        return 1 if self.model.image_token_id == 0 else 0
+        """The tokenizer's pad (`resolve_pad_id`), never the image token (a fed pad must not ask for image features)."""
+        return resolve_pad_id(getattr(self.processor, "tokenizer", None), avoid=self.model.image_token_id)
 
     def _placeholder_ids(self) -> list[int]:
         """Ids of the extra image tokens the tokenizer knows (the image token at least)."""
@@ -321,14 +264,27 @@ class Engine:
     ) -> GenerationResult:
         """Generate for every prompt (`sampling.num_generations` answers each); `on_text(row, piece)` streams."""
         self._check(prompts, sampling)
+        device = self.model.device
+        t0 = time.perf_counter()
+        state = self._prefill(prompts, sampling)
+        _sync(device)
+        prefill_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        outputs = self._decode_rows(state, sampling, on_text)
+        _sync(device)
+        decode_s = time.perf_counter() - t1
+        new_tokens = [len(o.ids) for o in outputs]
+        return GenerationResult(
+            texts=[o.text for o in outputs], token_ids=[list(o.ids) for o in outputs],
+            prompt_tokens=[len(p) for p in prompts], new_tokens=new_tokens, prefill_s=prefill_s, decode_s=decode_s,
+            decode_tokens_per_s=sum(new_tokens) / decode_s if decode_s > 0 else 0.0,
+            finish_reasons=[o.finish_reason or "length" for o in outputs],
+        )
+
+    def _prefill(self, prompts: Sequence[Sample], sampling: SamplingConfig) -> _Decoding:
+        """Run the left-padded prompts once into a fresh cache; repeat its rows for `num_generations`."""
         model, device = self.model, self.model.device
         n, max_new = sampling.num_generations, sampling.max_new_tokens
-        generator = None
-        if not sampling.is_greedy:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(sampling.seed) if sampling.seed is not None else generator.seed()
-
-        t0 = time.perf_counter()
         batch = _left_pad(prompts, self._pad_id(), device)
         images = [view for prompt in prompts for view in prompt.images]  # row-major, as the image tokens appear
         dtype = model.projector.proj.weight.dtype
@@ -345,24 +301,29 @@ class Engine:
             logits = logits.repeat_interleave(n, dim=0)  # (B*n, V)
             next_pos = next_pos.repeat_interleave(n, dim=0)
             segment_ids = None if segment_ids is None else segment_ids.repeat_interleave(n, dim=0)
-        rows = logits.shape[0]
-        static = None
-        if self.static_decode:
-            static = self._static_cache(rows, prompt_len + max_new, dtype)
-            static.load(cache, segment_ids)
-            del cache
-        _sync(device)
-        prefill_s = time.perf_counter() - t0
+        if not self.static_decode:
+            return _Decoding(logits, next_pos, segment_ids, cache=cache)
+        static = self._static_cache(logits.shape[0], prompt_len + max_new, dtype)
+        static.load(cache, segment_ids)
+        return _Decoding(logits, next_pos, segment_ids, static=static)
 
+    def _decode_rows(
+        self, state: _Decoding, sampling: SamplingConfig, on_text: TextCallback | None
+    ) -> list[RowOutput]:
+        """Sample a token per unfinished row per step until every row stops (a stop token or string, or length)."""
+        device, max_new = self.model.device, sampling.max_new_tokens
+        generator = None
+        if not sampling.is_greedy:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(sampling.seed) if sampling.seed is not None else generator.seed()
         # Image placeholders (image, global-image and tile tokens) are inputs only: never sample them.
         blocked = torch.tensor(self._placeholder_ids(), dtype=torch.long, device=device)
-        logits = logits.index_fill(-1, blocked, float("-inf"))
+        logits = state.logits.index_fill(-1, blocked, float("-inf"))
+        rows = logits.shape[0]
         incremental = on_text is not None or bool(sampling.stop_strings)
-        outputs = [_RowOutput(self.processor.decode, sampling.stop_strings, incremental) for _ in range(rows)]
+        outputs = [RowOutput(self.processor.decode, sampling.stop_strings, incremental) for _ in range(rows)]
         stop_ids = {int(i) for i in self.processor.stop_token_ids}
         pad = torch.full((rows,), self._pad_id(), dtype=torch.long, device=device)
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        t1 = time.perf_counter()
         for step in range(max_new):
             check_finite_logits(logits, step)
             tokens = sample_next(logits, sampling, generator)  # (R,)
@@ -379,25 +340,21 @@ class Engine:
             if bool(done.all()):
                 break
             feed = torch.where(done, pad, tokens)[:, None]  # (R, 1); finished rows feed padding
-            if static is not None:
-                logits = self._decode(feed, next_pos, static, blocked)  # (R, V)
-            else:
-                if segment_ids is not None:
-                    segment_ids = torch.cat([segment_ids, torch.ones_like(feed)], dim=1)  # (R, S + 1)
-                # Straight to the decoder: a sampled image-token id must not ask for image features.
-                hidden = model.language(model.language.embed(feed), next_pos[:, None], segment_ids=segment_ids,
-                                        kv_cache=cache)  # (R, 1, D)
-                logits = model.logits(hidden[:, -1]).index_fill(-1, blocked, float("-inf"))  # (R, V)
-            next_pos = next_pos + 1
-        _sync(device)
-        decode_s = time.perf_counter() - t1
-        new_tokens = [len(o.ids) for o in outputs]
-        return GenerationResult(
-            texts=[o.text for o in outputs], token_ids=[list(o.ids) for o in outputs],
-            prompt_tokens=[len(p) for p in prompts], new_tokens=new_tokens, prefill_s=prefill_s, decode_s=decode_s,
-            decode_tokens_per_s=sum(new_tokens) / decode_s if decode_s > 0 else 0.0,
-            finish_reasons=[o.finish_reason or "length" for o in outputs],
-        )
+            logits = self._step_logits(feed, state, blocked)  # (R, V)
+            state.next_pos = state.next_pos + 1
+        return outputs
+
+    def _step_logits(self, feed: torch.Tensor, state: _Decoding, blocked: torch.Tensor) -> torch.Tensor:
+        """(R, 1) fed tokens -> (R, V) next-token logits, through the static cache or the growing one."""
+        if state.static is not None:
+            return self._decode(feed, state.next_pos, state.static, blocked)
+        if state.segment_ids is not None:
+            state.segment_ids = torch.cat([state.segment_ids, torch.ones_like(feed)], dim=1)  # (R, S + 1)
+        # Straight to the decoder: a sampled image-token id must not ask for image features.
+        language = self.model.language
+        hidden = language(language.embed(feed), state.next_pos[:, None], segment_ids=state.segment_ids,
+                          kv_cache=state.cache)  # (R, 1, D)
+        return self.model.logits(hidden[:, -1]).index_fill(-1, blocked, float("-inf"))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -434,16 +391,6 @@ def generate_text(
     _check_prompt_text(prompt)
     sample = processor.encode_prompt(user_message(prompt, len(images)), list(images))
     return Engine(model, processor).generate([sample], config).texts[0]
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" is bfloat16 on CUDA and float32 elsewhere; otherwise the named dtype."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise GenerationError(f"dtype={name!r} is not one of auto, {', '.join(dtypes)}")
-    return dtypes[name]
 
 
 def generate_from_checkpoint(

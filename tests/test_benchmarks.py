@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from nanovlm_cli.config import LanguageConfig
-from nanovlm_cli.models.language import LanguageModel, query_spans
+from nanovlm_cli.models.attention import dense_masks, query_spans
+from nanovlm_cli.models.language import LanguageModel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,7 +90,7 @@ def test_query_spans_cover_exactly_the_reachable_keys():
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_chunked_attention_on_packed_rows_matches_one_full_call(monkeypatch, checkpointing):
     """Values and gradients (inputs and weights) of the per-chunk path equal one dense masked call."""
-    from nanovlm_cli.models import language
+    from nanovlm_cli.models import attention
 
     torch.manual_seed(0)
     cfg = LanguageConfig(vocab_size=64, hidden_dim=32, intermediate_dim=48, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -111,10 +112,10 @@ def test_chunked_attention_on_packed_rows_matches_one_full_call(monkeypatch, che
         out.square().sum().backward()
         return out.detach(), x.grad, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
-    full_mask, _ = model._masks(410, 0, seg, embeds.device)
+    full_mask, _ = dense_masks(410, 0, seg, embeds.device, cfg.sliding_window, model.has_sliding)
     assert query_spans(full_mask) is not None  # the chunked path is the one under test
     chunked, chunked_grad, chunked_weights = run()
-    monkeypatch.setattr(language, "ATTENTION_CHUNK", 10_000)  # one SDPA call over every key
+    monkeypatch.setattr(attention, "ATTENTION_CHUNK", 10_000)  # one SDPA call over every key
     full, full_grad, full_weights = run()
     torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunked_grad, full_grad, atol=1e-5, rtol=1e-5)

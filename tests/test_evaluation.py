@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from nanovlm_cli.benchmarks import load_benchmark
+from nanovlm_cli.evaluation.datasets import load_benchmark
 from nanovlm_cli.checkpoint.io import build_model, save_model
 from nanovlm_cli.cli.app import run
 from nanovlm_cli.data.processor import Processor

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 
 from nanovlm_cli.data.sample import Record
 from nanovlm_cli.errors import DataError
+from nanovlm_cli.evaluation.prompt import MMSTAR_INSTRUCTION, mmstar_prompt  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +64,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "size": ("small", "large", "medium", "tiny"),
 }
 LETTERS = "ABCD"
-MMSTAR_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-
-
-def mmstar_prompt(question: str) -> str:
-    """The exact user prompt for an MMStar-format question (options already listed in `question`).
-
-    >>> mmstar_prompt("What colour is the shape?\\nA. red\\nB. blue\\nC. green\\nD. pink")
-    "What colour is the shape?\\nA. red\\nB. blue\\nC. green\\nD. pink\\nAnswer with the option's letter from the given choices directly."
-    """
-    return f"{question.rstrip()}\n{MMSTAR_INSTRUCTION}"
 
 
 @dataclass(frozen=True)

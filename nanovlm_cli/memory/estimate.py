@@ -12,7 +12,7 @@ import torch
 from nanovlm_cli.config import TrainConfig, VLMConfig
 from nanovlm_cli.data.sample import Batch
 from nanovlm_cli.errors import ConfigError
-from nanovlm_cli.models import language
+from nanovlm_cli.models import attention as kernels
 from nanovlm_cli.models.vlm import LOSS_CHUNK_TOKENS, VisionLanguageModel
 
 logger = logging.getLogger(__name__)
@@ -184,11 +184,11 @@ def _attention_calls(seq_len: int, device_type: str) -> tuple[float, int]:
     """(keys per query, queries per SDPA call) of the masked attention of a causal one-sample row.
 
     Long masked rows run attention per chunk of `ATTENTION_CHUNK` queries over the keys the mask lets them reach
-    (`models/language.py`): chunk j of n = T / c sees (j + 1) c keys, (T + c) / 2 per query on average.
+    (`models/attention.py`): chunk j of n = T / c sees (j + 1) c keys, (T + c) / 2 per query on average.
     Shorter rows (or a device without chunking) make one call over all T keys.
     """
-    chunk = getattr(language, "ATTENTION_CHUNK", None)
-    if chunk is None or seq_len < 2 * chunk or device_type not in language.CHUNKED_ATTENTION_DEVICES:
+    chunk = kernels.ATTENTION_CHUNK  # read at call time, so a patched switch is seen
+    if seq_len < 2 * chunk or device_type not in kernels.CHUNKED_ATTENTION_DEVICES:
         return float(seq_len), seq_len
     n = math.ceil(seq_len / chunk)
     return chunk * n * (n + 1) / 2 / seq_len, chunk

@@ -5,18 +5,10 @@ in fp32, per-head q/k norms, norms before *and* after attention and MLP, GELU-ta
 sqrt(hidden_dim), a custom attention scale, and sliding-window local layers with their own RoPE base.
 
 Main design choice: attention masks are built once per forward (one for full layers, one for sliding layers) from
-`segment_ids` and the cache offset, and shared by every layer; when no mask is needed, SDPA runs with
-`is_causal=True` (never a mask and `is_causal` together). RoPE cos/sin tables are precomputed buffers indexed by
-`position_ids`, so positions that restart per packed sample or start after left padding cost nothing extra.
-
-Worked example of the mask (segment_ids = [1, 1, 2, 2, 0], sliding_window = 2; x = may attend):
-
-    query\\key  0 1 2 3 4          full layers       sliding layers drop key j when i - j >= 2
-        0      x . . . .          sample 1          (same here: each sample is only 2 long)
-        1      x x . . .
-        2      . . x . .          sample 2 restarts: position_ids = [0, 1, 0, 1, 0]
-        3      . . x x .
-        4      . . . . x          padding attends only to itself, so nothing is NaN
+`segment_ids` and the cache offset, and shared by every layer; RoPE cos/sin tables are precomputed buffers indexed by
+`position_ids`, so positions that restart per packed sample or start after left padding cost nothing extra. The
+kernels and masks themselves (chunked SDPA, the GQA branches, FlexAttention, a worked example of the mask) live in
+`models/attention.py`: this file reads as the math.
 """
 
 from __future__ import annotations
@@ -27,22 +19,23 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import LongTensor, Tensor, nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
 from nanovlm_cli.config import LanguageConfig
 from nanovlm_cli.errors import DataError, GenerationError
+from nanovlm_cli.models.attention import (
+    CHUNKED_ATTENTION_DEVICES,
+    Span,
+    attend,
+    block_masks,
+    dense_masks,
+    query_spans,
+    static_cache_masks,
+)
 from nanovlm_cli.models.kv_cache import KVCache, LayerCache, StaticKVCache, StaticLayerCache
 
 logger = logging.getLogger(__name__)
-
-# Masked attention over T >= 2 * ATTENTION_CHUNK queries runs per chunk of queries, each over only the keys its mask
-# can reach (see `query_spans`): packed rows of short samples then cost ~T * (chunk + sample length), not T * T.
-ATTENTION_CHUNK = 64
-# Devices where the chunking pays. On CUDA one fused masked SDPA call beats many small ones (benchmarks/mfu.py
-# measures both); packed rows there are best served by FlexAttention (`LanguageModel.attention = "flex"`).
-CHUNKED_ATTENTION_DEVICES = frozenset({"cpu"})
-Span = tuple[int, int, int, int]  # queries [q0, q1) attend at most to keys [k0, k1)
 
 
 class RMSNorm(nn.Module):
@@ -114,67 +107,8 @@ def decode_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
-def query_spans(mask: Tensor, chunk: int | None = None) -> list[Span] | None:
-    """Chunks of queries with the key range their (B|1, 1, T, S) boolean mask allows, or None when not worth it.
-
-    The ranges come from the mask itself (first and last allowed key of any query of the chunk, any row), so
-    skipping the keys outside them is exact. Example: two packed samples of 3 and 5 tokens, chunk 4 -> queries
-    [0, 4) may see keys [0, 4) and queries [4, 8) keys [3, 8) (the second sample starts at 3).
-    """
-    chunk = chunk or ATTENTION_CHUNK
-    t, s = mask.shape[-2:]
-    if t < 2 * chunk:
-        return None
-    starts = list(range(0, t, chunk))
-    reach = torch.stack([mask[..., a:a + chunk, :].flatten(0, -2).any(0) for a in starts])  # (n_chunks, S)
-    first = reach.int().argmax(dim=1)  # first allowed key of each chunk
-    last = s - reach.flip(1).int().argmax(dim=1)  # one past the last allowed key
-    spans = [(a, min(a + chunk, t), k0, k1) for a, k0, k1 in zip(starts, first.tolist(), last.tolist())]
-    if sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in spans) > 0.75 * t * s:
-        return None  # too little to skip to pay for several calls
-    return spans
-
-
-class _ChunkedAttention(torch.autograd.Function):
-    """Masked attention per chunk of queries over its key span (`query_spans`), for training.
-
-    Same values and gradients as slicing q/k/v per chunk under autograd, but the backward adds each chunk's key and
-    value gradients into one buffer: autograd would build a zero tensor of the full key length per slice and add
-    them all up (3-4% of the tiny benchmark workload's CPU training step, measured).
-    """
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, spans: list[Span], sdpa) -> Tensor:
-        graphs, outs = [], []
-        with torch.enable_grad():  # one small graph per chunk, replayed by backward
-            for q0, q1, k0, k1 in spans:
-                qs = q[:, :, q0:q1].detach().requires_grad_()
-                ks = k[:, :, k0:k1].detach().requires_grad_()
-                vs = v[:, :, k0:k1].detach().requires_grad_()
-                out = sdpa(qs, ks, vs, mask[..., q0:q1, k0:k1])  # (B, H, q1-q0, Dh)
-                graphs.append((qs, ks, vs, out))
-                outs.append(out.detach())
-        ctx.graphs, ctx.spans = graphs, spans
-        ctx.layouts = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
-        return torch.cat(outs, dim=2)  # (B, H, T, Dh)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (q_shape, q_dtype, device), (k_shape, k_dtype, _), (v_shape, v_dtype, _) = ctx.layouts
-        dq = torch.empty(q_shape, dtype=q_dtype, device=device)
-        dk = torch.zeros(k_shape, dtype=k_dtype, device=device)
-        dv = torch.zeros(v_shape, dtype=v_dtype, device=device)
-        for (q0, q1, k0, k1), (qs, ks, vs, out) in zip(ctx.spans, ctx.graphs):
-            gq, gk, gv = torch.autograd.grad(out, (qs, ks, vs), grad[:, :, q0:q1])
-            dq[:, :, q0:q1] = gq
-            dk[:, :, k0:k1] += gk
-            dv[:, :, k0:k1] += gv
-        ctx.graphs = None
-        return dq, dk, dv, None, None, None
-
-
 class Attention(nn.Module):
-    """Grouped-query attention with RoPE, optional per-head q/k RMSNorm, through SDPA."""
+    """Grouped-query attention with RoPE, optional per-head q/k RMSNorm; the kernel is `attention.attend`."""
 
     def __init__(self, cfg: LanguageConfig) -> None:
         super().__init__()
@@ -202,40 +136,8 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, H_kv, T, Dh)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, H_kv, S, Dh) each
-        if isinstance(mask, BlockMask):  # not an autocast op: RoPE left q and k in fp32 under bf16 autocast
-            y = flex_attention(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask, scale=self.scale,
-                               enable_gqa=self.n_heads != self.n_kv_heads)
-        elif spans is not None and mask is not None:
-            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-                y = _ChunkedAttention.apply(q, k, v, mask, spans, self._sdpa)  # (B, H, T, Dh)
-            else:
-                y = torch.cat([self._sdpa(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], mask[..., q0:q1, k0:k1])
-                               for q0, q1, k0, k1 in spans], dim=2)  # (B, H, T, Dh)
-        else:
-            y = self._sdpa(q, k, v, mask)  # (B, H, T, Dh)
+        y = attend(q, k, v, mask, spans, self.scale)  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
-
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        b, h, t, dh = q.shape
-        groups = self.n_heads // self.n_kv_heads
-        if t == 1 and groups > 1:
-            # Decode step: the query heads of one kv head become `groups` queries of it, so no key copy is needed
-            # and a (B, 1, 1, S) mask still broadcasts (the mask is shared by all heads). Faster than enable_gqa
-            # on CPU (about 1.5x per call at decode shapes).
-            y = F.scaled_dot_product_attention(q.reshape(b, self.n_kv_heads, groups, dh), k, v, attn_mask=mask,
-                                               scale=self.scale)  # (B, H_kv, groups, Dh)
-            return y.reshape(b, h, 1, dh)
-        if mask is None:
-            # No mask means either plain causal self-attention (T == S) or one query over the whole cache.
-            return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=self.scale, enable_gqa=groups > 1)
-        if groups == 1:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        if q.device.type == "cpu":  # the CPU flash kernel takes masked GQA directly (no key copies, ~10% faster)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        # Masked GQA falls back to the math kernel on CUDA with enable_gqa; repeating keys keeps fused kernels.
-        k = k[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, h, -1, dh)  # (B, H, S, Dh)
-        v = v[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, h, -1, dh)  # (B, H, S, Dh)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
 
 class MLP(nn.Module):
@@ -361,9 +263,10 @@ class LanguageModel(nn.Module):
                             f"call) = {(b, pos + t)}")
         full_spans = sliding_spans = None
         if self.attention == "flex" and segment_ids is not None and kv_cache is None:
-            full_mask, sliding_mask = self._block_masks(segment_ids)
+            full_mask, sliding_mask = block_masks(segment_ids, self.cfg.sliding_window, self.has_sliding)
         else:
-            full_mask, sliding_mask = self._masks(t, pos, segment_ids, inputs_embeds.device)
+            full_mask, sliding_mask = dense_masks(t, pos, segment_ids, inputs_embeds.device,
+                                                  self.cfg.sliding_window, self.has_sliding)
             if self.chunk_attention and inputs_embeds.device.type in CHUNKED_ATTENTION_DEVICES:
                 full_spans = query_spans(full_mask) if full_mask is not None else None
                 sliding_spans = query_spans(sliding_mask) if sliding_mask is not None else None
@@ -400,10 +303,8 @@ class LanguageModel(nn.Module):
         of the new token go to `cache.slot`, attention spans all slots under the `cache.filled` mask, and the slot
         advances in place, so the compiled step has no Python-side state to guard on and never recompiles.
         """
-        slots = torch.arange(cache.max_len, device=inputs_embeds.device)  # (S,)
         cache.filled.index_fill_(1, cache.slot, True)  # the new token attends to itself
-        full = cache.filled[:, None, None, :]  # (B, 1, 1, S)
-        sliding = full & ((cache.slot - slots) < self.cfg.sliding_window) if self.has_sliding else None
+        full, sliding = static_cache_masks(cache.filled, cache.slot, self.cfg.sliding_window, self.has_sliding)
         cos, sin, cos_l, sin_l = self._rope_tables(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
         for i, block in enumerate(self.blocks):
@@ -411,51 +312,3 @@ class LanguageModel(nn.Module):
             x = block(x, *args, cache.layer(i))
         cache.slot.add_(1)
         return self.norm(x)  # (B, 1, D)
-
-    def _block_masks(self, segment_ids: LongTensor) -> tuple[BlockMask, BlockMask | None]:
-        """The `_masks` of a packed batch without a cache, as FlexAttention block masks (full, sliding)."""
-        b, t = segment_ids.shape
-        window = self.cfg.sliding_window
-
-        def same_sample_causal(batch: Tensor, head: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-            seg_q, seg_kv = segment_ids[batch, q], segment_ids[batch, kv]
-            return ((kv <= q) & (seg_q == seg_kv) & (seg_kv != 0)) | (q == kv)
-
-        def in_window(batch: Tensor, head: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-            return same_sample_causal(batch, head, q, kv) & (q - kv < window)
-
-        device = segment_ids.device
-        full = create_block_mask(same_sample_causal, b, None, t, t, device=device)
-        sliding = create_block_mask(in_window, b, None, t, t, device=device) if self.has_sliding else None
-        return full, sliding
-
-    def _masks(
-        self, t: int, pos: int, segment_ids: LongTensor | None, device: torch.device
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """Boolean masks (True = attend) for full and sliding layers, or None where SDPA needs none.
-
-        None is returned only when the layer's attention is exactly causal over T == S slots (`is_causal=True`)
-        or a single query over every cached slot.
-        """
-        s = pos + t
-        window = self.cfg.sliding_window
-        full_needs = segment_ids is not None or (pos > 0 and t > 1)
-        sliding_needs = self.has_sliding and (full_needs or s > window)
-        if not full_needs and not sliding_needs:
-            return None, None
-        q_slot = torch.arange(pos, s, device=device)  # (T,)
-        k_slot = torch.arange(s, device=device)  # (S,)
-        allowed = k_slot[None, :] <= q_slot[:, None]  # (T, S)
-        if segment_ids is not None:
-            seg_k = segment_ids[:, None, :]  # (B, 1, S)
-            seg_q = segment_ids[:, pos:, None]  # (B, T, 1)
-            allowed = allowed & (seg_q == seg_k) & (seg_k != 0)  # (B, T, S)
-            allowed = allowed | (k_slot[None, :] == q_slot[:, None])  # a padding query attends to itself
-        else:
-            allowed = allowed[None]  # (1, T, S)
-        full = allowed[:, None] if full_needs else None  # (B|1, 1, T, S)
-        sliding = None
-        if sliding_needs:
-            in_window = (q_slot[:, None] - k_slot[None, :]) < window  # (T, S), HF: kv > q - window
-            sliding = (allowed & in_window)[:, None]  # (B|1, 1, T, S)
-        return full, sliding

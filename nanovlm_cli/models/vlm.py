@@ -14,7 +14,8 @@ positions only and computes cross-entropy over them in chunks (each chunk recomp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,6 +73,19 @@ def loss_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     targets = batch.labels[:, 1:]
     same_sample = batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1]
     return targets, (targets != -100) & same_sample
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode without autograd for the block, then back in the mode it had (training calls evaluation
+    and validation mid-run, so the mode it finds must be the mode it leaves)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def compile_blocks(model: VisionLanguageModel, device: torch.device) -> None:

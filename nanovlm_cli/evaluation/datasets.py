@@ -1,7 +1,7 @@
-"""Benchmark data for `nanovlm eval`: MMStar-format rows from the Hub, the built-in shapes set, or local files.
+"""Evaluation datasets for `nanovlm eval --benchmark`: MMStar-format rows from the Hub, the shapes set, or local files.
 
 Main design choice: every source becomes a sized, lazily indexed sequence of plain dicts with MMStar's columns
-(index, question, image, answer, category), so the scorer in `evaluation.py` never knows where rows came from and
+(index, question, image, answer, category), so the scorer (`evaluation/scoring.py`) never knows where rows came from and
 images are decoded only when their batch is asked. Local data may be a `save_to_disk` directory, parquet or JSONL
 file(s) (or a directory of them); image paths in JSONL are resolved against the file's directory.
 """

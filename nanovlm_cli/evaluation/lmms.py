@@ -18,9 +18,9 @@ from typing import Any
 from nanovlm_cli.checkpoint.io import load_model
 from nanovlm_cli.data.images import load_image
 from nanovlm_cli.data.processor import Processor
-from nanovlm_cli.distributed import resolve_device
+from nanovlm_cli.devices import resolve_device, resolve_dtype
 from nanovlm_cli.errors import ConfigError
-from nanovlm_cli.generation import Engine, SamplingConfig, resolve_dtype, user_message
+from nanovlm_cli.generation import Engine, SamplingConfig, user_message
 
 log = logging.getLogger(__name__)
 
