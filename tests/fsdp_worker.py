@@ -44,7 +44,7 @@ def main() -> None:
     model.eval()
     with torch.no_grad():
         logits = model.logits(model(probe.input_ids, probe.images, position_ids=probe.position_ids))
-    model.reshard()
+    fsdp.reshard(model)
     resident = fsdp.local_bytes(model, optimizer)
     before = {k: v.full_tensor() for k, v in optimizer.state_dict()["state"][0].items() if v.ndim}
     fsdp.save_checkpoint(model, optimizer, out / "final", info, tokenizer=loaded.tokenizer,

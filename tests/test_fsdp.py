@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from fsdp_batches import make_batches, step_loss
-from helpers import tiny_model
+from helpers import tiny_config, tiny_model
 
 from nanovlm_cli.checkpoint.io import load_model
+from nanovlm_cli.config import TrainConfig
+from nanovlm_cli.memory.sharding import sharded_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -88,9 +90,12 @@ def test_sharded_checkpoint_restores_the_optimizer_and_refuses_another_world_siz
 
 
 @pytest.mark.slow
-def test_each_rank_holds_about_half_of_the_parameters_and_optimizer_state(worker):
+def test_each_rank_holds_the_shards_the_memory_model_predicts(worker):
+    # Measured: rank 0's local DTensor shards after 3 steps; predicted: memory.sharding from the config alone.
     result = json.loads((worker / "fsdp.json").read_text())
-    full = result["n_params"] * 4
-    assert full / 2 <= result["resident"]["params"] <= 0.6 * full, (result["resident"], full)
+    predicted = sharded_bytes(tiny_config(), TrainConfig(), world_size=2)
+    assert result["resident"]["params"] == predicted.params
+    assert result["resident"]["optimizer"] == predicted.optimizer
     assert result["resident"]["grads"] == 0  # zero_grad(set_to_none) after the last step
-    assert result["resident"]["optimizer"] <= 2 * result["resident"]["params"]
+    assert result["n_params"] * 4 / 2 <= predicted.params <= 0.55 * result["n_params"] * 4  # about half each
+    assert sharded_bytes(tiny_config(), TrainConfig(), world_size=1).params == result["n_params"] * 4

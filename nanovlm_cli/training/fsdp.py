@@ -90,6 +90,14 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Return every FSDP unit to its shards. Needed after a forward without backward (validation, evaluation):
+    the root and the last block stay gathered after forward, and a checkpoint must see shards only."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -119,7 +127,7 @@ def validation_loss(model: VisionLanguageModel, batches: list, device: torch.dev
             out = model.loss(batches[min(i, len(batches) - 1)].to(device))
         if i < len(batches):
             totals += torch.tensor([float(out.loss_sum), out.n_tokens], dtype=torch.float64)
-    model.reshard()  # the root stays gathered after a forward without backward
+    reshard(model)  # the root and the last block stay gathered after a forward without backward
     model.train(was_training)
     dist.all_reduce(totals)
     return float(totals[0] / totals[1]) if totals[1] else None
@@ -157,6 +165,7 @@ def save_checkpoint(model: VisionLanguageModel, optimizer: torch.optim.Optimizer
     candidate only once that file exists, so a crash mid-save never leaves one that cannot resume.
     """
     staging = directory.with_name(f".{directory.name}.sharded")
+    reshard(model)
     if info.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         staging.parent.mkdir(parents=True, exist_ok=True)
