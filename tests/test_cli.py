@@ -186,8 +186,8 @@ def test_every_train_config_field_has_a_flag():
     train = app_module.get_command().commands["train"]
     options = {name for p in train.params for name in p.opts}
     missing = [f for f in TRAIN_FIELDS if "--" + f.replace("_", "-") not in options]
-    assert not missing, (f"TrainConfig fields without a train flag: {missing}; add them to nanovlm_cli/cli/train.py "
-                         "and run `python scripts/gen_docs.py`")
+    assert not missing, (f"TrainConfig fields without a train flag: {missing}; declare them with "
+                         "option(help=..., group=...) in nanovlm_cli/train_config.py and run `python scripts/gen_docs.py`")
 
 
 def test_debug_shows_the_traceback(cli, monkeypatch):
