@@ -1,7 +1,7 @@
-"""Export to transformers: a checkpoint becomes a directory that plain `transformers` runs as Idefics3 / SmolVLM.
+"""Export to transformers: a checkpoint becomes a directory that plain `transformers` runs as Idefics3.
 
-    config.json               Idefics3Config (or SmolVLMConfig): SigLIP vision config, the decoder's own text config
-                              (llama, or gemma3_text: measured exact inside Idefics3), scale_factor = pixel shuffle
+    config.json               Idefics3Config: SigLIP vision config, the decoder's own text config (llama, or
+                              gemma3_text: measured exact inside Idefics3), scale_factor = the pixel shuffle factor
     model.safetensors         weights under transformers' names (the key table of `checkpoint/idefics3.py`)
     processor_config.json     Idefics3Processor: image_seq_len and the image processor settings (size.longest_edge,
     preprocessor_config.json  max_image_size, resample, mean/std, do_image_splitting) exactly as our processor resizes
@@ -15,7 +15,10 @@ normalisation, a decoder transformers' Idefics3 cannot hold) and `export_transfo
 written. Files go to a temporary sibling directory renamed into place at the end, so a failure leaves nothing.
 One thing is adapted rather than refused: a tile size other than the encoder's training resolution. We resize the
 learned positions bicubically to the tile grid, Idefics3 looks them up by bucket; every Idefics3 view is one tile,
-so the resized table is computed once here and saved as the position embedding of a `tile_size` encoder (exact).
+so the resized table is computed once here and saved as the position embedding of a `tile_size` encoder (exact
+when Idefics3's bucketize gives a full tile the identity positions, checked by `export_problems`).
+Imported SmolVLM2 checkpoints (model_type smolvlm) export as Idefics3 too: the same architecture and image string,
+and Idefics3Processor needs no extra package (SmolVLMProcessor needs num2words and a video processor).
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ from safetensors.torch import save_file
 
 from nanovlm_cli import __version__
 from nanovlm_cli.checkpoint.card import model_card
+from nanovlm_cli.checkpoint.idefics3 import (
+    full_tile_position_ids,
+    idefics3_config,
+    image_processor_config,
+    ours_to_idefics3,
+)
 from nanovlm_cli.checkpoint.io import LoadedModel, _atomic_replace, load_model, read_model_config
 from nanovlm_cli.config import LanguageConfig, VLMConfig
 from nanovlm_cli.errors import CheckpointError
@@ -41,13 +50,10 @@ from nanovlm_cli.models.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPES = ("idefics3", "smolvlm")
 # Idefics3Processor's own token strings (fixed inside transformers, vLLM and llama.cpp).
 IMAGE_TOKEN = "<image>"
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
 GLOBAL_IMAGE_TOKEN = "<global-img>"
-_HF_ACT = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "silu": "silu"}
-_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values
 
 
 class ExportError(CheckpointError):
@@ -59,13 +65,12 @@ class ExportResult:
     """What `export_transformers` wrote."""
 
     directory: str
-    model_type: str
-    text_model_type: str
+    text_model_type: str  # "llama" or "gemma3_text"
     n_params: int
     files: list[dict[str, Any]] = field(default_factory=list)  # {"name", "size"}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"directory": self.directory, "model_type": self.model_type, "text_model_type": self.text_model_type,
+        return {"directory": self.directory, "model_type": "idefics3", "text_model_type": self.text_model_type,
                 "n_params": self.n_params, "files": self.files}
 
 
@@ -116,9 +121,15 @@ def export_problems(cfg: VLMConfig) -> list[str]:
         problems.append("its decoder mixes Llama and Gemma-3 features (norm offset, q/k norms, post norms, embedding "
                         "scale, activation, sliding window), which no transformers text model inside Idefics3 "
                         "computes; use a Llama-family (SmolLM2) or a Gemma-3 decoder to export")
-    if cfg.image_token != IMAGE_TOKEN:
-        problems.append(f"its image token is {cfg.image_token!r} but Idefics3Processor expands {IMAGE_TOKEN!r}; train "
-                        "in the Idefics3 layout (image.mode 'idefics3') to export")
+    tokens = (cfg.image_token, cfg.fake_image_token, cfg.global_image_token)
+    if cfg.image.mode == "idefics3" and tokens != (IMAGE_TOKEN, FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN):
+        problems.append(f"its image tokens are {', '.join(tokens)} but Idefics3Processor writes {IMAGE_TOKEN}, "
+                        f"{FAKE_IMAGE_TOKEN}, {GLOBAL_IMAGE_TOKEN}; train with the Idefics3 token names to export")
+    grid = cfg.image.tile_size // v.patch_size
+    if cfg.image.mode == "idefics3" and not torch.equal(full_tile_position_ids(grid), torch.arange(grid * grid)):
+        problems.append(f"a {grid}x{grid} patch tile gets non-identity positions in transformers' Idefics3 vision "
+                        "embeddings (bucketize rounding), so it would read other position embeddings; choose a "
+                        "tile size whose patch grid is, e.g. 16, 26, 27 or 32 patches")
     return problems
 
 
@@ -158,24 +169,21 @@ def _text_config(lc: LanguageConfig, tokenizer: Any) -> dict[str, Any]:
             "rope_parameters": {"full_attention": rope, "sliding_attention": local}}
 
 
-def hf_config(cfg: VLMConfig, tokenizer: Any, model_type: str = "idefics3") -> dict[str, Any]:
-    """The `config.json` of the exported model: Idefics3Config (or SmolVLMConfig) fields."""
-    v = cfg.vision
-    vision = {
-        "model_type": f"{model_type}_vision", "hidden_size": v.hidden_dim, "intermediate_size": v.intermediate_dim,
-        "num_hidden_layers": v.n_layers, "num_attention_heads": v.n_heads, "num_channels": 3,
-        "image_size": cfg.image.tile_size, "patch_size": v.patch_size, "hidden_act": _HF_ACT[v.act],
-        "layer_norm_eps": v.layer_norm_eps,
-    }
-    architecture = "Idefics3ForConditionalGeneration" if model_type == "idefics3" else "SmolVLMForConditionalGeneration"
+def hf_config(cfg: VLMConfig, tokenizer: Any, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The exported `config.json`: `idefics3_config` for a `tile_size` encoder, with the decoder's own text config
+    (`_text_config`: llama with its RoPE scaling, or gemma3_text) and the tokenizer's special-token ids."""
+    tile_cfg = _tile_config(cfg)
     return {
-        "architectures": [architecture], "model_type": model_type,
-        "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        "scale_factor": cfg.projector.pixel_shuffle_factor, "tie_word_embeddings": cfg.language.tie_embeddings,
-        "use_cache": True, "pad_token_id": tokenizer.pad_token_id, "dtype": "float32",
-        "vision_config": vision, "text_config": _text_config(cfg.language, tokenizer),
-        "transformers_version": _transformers_version(), "nanovlm_version": __version__,
+        **idefics3_config(tile_cfg), "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        "text_config": _text_config(cfg.language, tokenizer), "pad_token_id": tokenizer.pad_token_id,
+        "use_cache": True, "dtype": str(dtype).removeprefix("torch."), "transformers_version": _transformers_version(),
+        "nanovlm_version": __version__,
     }
+
+
+def _tile_config(cfg: VLMConfig) -> VLMConfig:
+    """`cfg` with an encoder at the tile resolution (see the module docstring)."""
+    return cfg.replace(vision=cfg.vision.replace(image_size=cfg.image.tile_size))
 
 
 def _transformers_version() -> str:
@@ -184,25 +192,13 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def image_processor_settings(cfg: VLMConfig) -> dict[str, Any]:
-    """Idefics3ImageProcessor settings that resize, split and normalise exactly as our "idefics3" image mode."""
-    ic = cfg.image
-    return {
-        "do_convert_rgb": True, "do_resize": True, "size": {"longest_edge": ic.max_side},
-        "max_image_size": {"longest_edge": ic.tile_size}, "resample": _RESAMPLE[ic.resample],
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(ic.mean or ()), "image_std": list(ic.std or ()),
-        "do_image_splitting": ic.global_view, "do_pad": True,
-    }
-
-
 def generation_settings(cfg: VLMConfig, tokenizer: Any) -> dict[str, Any]:
     """`generation_config.json`: stop at the end-of-turn token first, then at whatever else ours stops at."""
     from nanovlm_cli.data.processor import Processor
     from nanovlm_cli.data.tokenizer import end_of_turn_token
 
     stops = Processor(cfg, tokenizer).stop_token_ids
-    token = end_of_turn_token(cfg.chat_template)
+    token = cfg.end_of_turn or end_of_turn_token(cfg.chat_template)
     eot = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
     eos = [i for i in dict.fromkeys([eot, *stops]) if i is not None]
     return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos if len(eos) > 1 else eos[0],
@@ -214,19 +210,14 @@ def generation_settings(cfg: VLMConfig, tokenizer: Any) -> dict[str, Any]:
 
 
 def hf_state_dict(model: VisionLanguageModel, cfg: VLMConfig) -> dict[str, torch.Tensor]:
-    """Our weights under the names transformers' Idefics3 uses (tied `lm_head` left out, as transformers saves it)."""
-    from nanovlm_cli.checkpoint.idefics3 import to_idefics3_state_dict
-
+    """Our weights under the names transformers' Idefics3 uses (a tied `lm_head` is not stored, as transformers
+    saves it), the position table resized to the tile grid when the tile is not the encoder's resolution."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     grid = cfg.image.tile_size // cfg.vision.patch_size
     if grid != cfg.vision.grid_size and "vision.pos_embed" in state:  # see the module docstring
         with torch.no_grad():
             state["vision.pos_embed"] = model.vision._positions(grid, grid, torch.float32).cpu().contiguous()
-    tile_cfg = cfg.replace(vision=cfg.vision.replace(image_size=cfg.image.tile_size))
-    hf = dict(to_idefics3_state_dict(state, tile_cfg))
-    if cfg.language.tie_embeddings:
-        hf.pop("lm_head.weight", None)
-    return {k: v.contiguous() for k, v in hf.items()}
+    return {k: v.contiguous() for k, v in ours_to_idefics3(state, _tile_config(cfg)).items()}
 
 
 def _target(out_dir: str | Path) -> Path:
@@ -250,38 +241,29 @@ def _read_optional_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _processor_classes(model_type: str) -> tuple[type, type]:
-    if model_type == "smolvlm":
-        from transformers import SmolVLMImageProcessor, SmolVLMProcessor
-
-        return SmolVLMImageProcessor, SmolVLMProcessor
+def _write_processor(cfg: VLMConfig, tokenizer: Any, directory: Path) -> None:
+    """Tokenizer files, chat_template.jinja, processor_config.json and preprocessor_config.json."""
     from transformers import Idefics3ImageProcessor, Idefics3Processor
 
-    return Idefics3ImageProcessor, Idefics3Processor
-
-
-def _write_processor(cfg: VLMConfig, tokenizer: Any, directory: Path, model_type: str) -> None:
-    """Tokenizer files, chat_template.jinja, processor_config.json and preprocessor_config.json."""
     from nanovlm_cli.data.tokenizer import chat_template_jinja
 
     tokenizer = copy.deepcopy(tokenizer)  # the processor adds its special tokens to the tokenizer it is given
     template = tokenizer.chat_template or chat_template_jinja(cfg.chat_template, IMAGE_TOKEN)
     tokenizer.chat_template = template
-    image_processor_cls, processor_cls = _processor_classes(model_type)
-    image_processor = image_processor_cls(**image_processor_settings(cfg))
-    processor = processor_cls(image_processor, tokenizer, image_seq_len=cfg.image_tokens_per_tile,
-                              chat_template=template)
+    image_processor = Idefics3ImageProcessor(**image_processor_config(cfg))
+    processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=cfg.image_tokens_per_tile,
+                                  chat_template=template)
     processor.save_pretrained(str(directory))
     image_processor.save_pretrained(str(directory))  # preprocessor_config.json: older readers, llama.cpp's converter
 
 
-def _write_files(loaded: LoadedModel, tmp: Path, model_type: str, source_dir: Path | None) -> tuple[int, str]:
+def _write_files(loaded: LoadedModel, tmp: Path, source_dir: Path | None) -> tuple[int, str]:
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
     state = hf_state_dict(loaded.model, cfg)
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "nanovlm_version": __version__})
-    config = hf_config(cfg, tokenizer, model_type)
+    config = hf_config(cfg, tokenizer, next(iter(state.values())).dtype)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    _write_processor(cfg, tokenizer, tmp, model_type)
+    _write_processor(cfg, tokenizer, tmp)
     (tmp / "generation_config.json").write_text(json.dumps(generation_settings(cfg, tokenizer), indent=2) + "\n")
     summary = _read_optional_json(source_dir / "training_summary.json") if source_dir else None
     results = _read_optional_json(source_dir / "eval_results.json") if source_dir else None
@@ -327,17 +309,14 @@ def export_transformers(
     out_dir: str | Path,
     *,
     tokenizer: Any = None,
-    model_type: str = "idefics3",
 ) -> ExportResult:
     """Write `out_dir` so that `AutoModelForImageTextToText` / `AutoProcessor.from_pretrained(out_dir)` run the model.
 
     `model_or_checkpoint` is a checkpoint directory or Hub id, a `LoadedModel`, or a `VisionLanguageModel` (with
-    `tokenizer`, else the one its config names). `model_type` "idefics3" (default) or "smolvlm". A model without an
+    `tokenizer`, else the one its config names). A model without an
     exact transformers form raises `ExportError` before anything is written (see `export_problems`); `out_dir`
     must be new or empty, and is written atomically (all files or none).
     """
-    if model_type not in MODEL_TYPES:
-        raise ExportError(f"export model type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
     final = _target(out_dir)
     loaded, source_dir = _load(model_or_checkpoint, tokenizer)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -345,11 +324,11 @@ def export_transformers(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        n_params, text_type = _write_files(loaded, tmp, model_type, source_dir)
+        n_params, text_type = _write_files(loaded, tmp, source_dir)
         files = [{"name": p.name, "size": p.stat().st_size} for p in sorted(tmp.iterdir()) if p.is_file()]
         _atomic_replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("exported %s to %s (%s with a %s decoder)", source_dir or "the model", final, model_type, text_type)
-    return ExportResult(str(final), model_type, text_type, n_params, files)
+    log.info("exported %s to %s (Idefics3 with a %s decoder)", source_dir or "the model", final, text_type)
+    return ExportResult(str(final), text_type, n_params, files)

@@ -1,4 +1,4 @@
-"""`nanovlm export`: write a checkpoint as a transformers Idefics3 / SmolVLM directory.
+"""`nanovlm export`: write a checkpoint as a transformers Idefics3 directory.
 
 Thin layer over `nanovlm_cli.checkpoint.export.export_transformers`: the directory it writes loads with plain
 transformers (`AutoModelForImageTextToText`, `AutoProcessor`, `pipeline("image-text-to-text")`). A checkpoint without
@@ -9,7 +9,7 @@ and exit 1 before anything is written.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -29,19 +29,17 @@ def _size(n: float) -> str:
 def export(
     checkpoint: CheckpointArg,
     out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="New or empty directory to write.")],
-    model_type: Annotated[Literal["idefics3", "smolvlm"], typer.Option(
-        "--model-type", help="transformers model type to write (SmolVLM2's is smolvlm).")] = "idefics3",
     json_output: JsonOpt = False,
 ) -> None:
     """Export CHECKPOINT to OUT_DIR in the transformers Idefics3 format."""
     from nanovlm_cli.checkpoint.export import export_transformers  # torch-free --help: the library loads on use
 
-    result = export_transformers(checkpoint, out_dir, model_type=model_type)
+    result = export_transformers(checkpoint, out_dir)
     if json_output:
         print_json(result)
         return
-    table = Table(title=f"exported {checkpoint} to {result.directory} ({result.model_type}, {result.text_model_type} "
-                  f"decoder, {result.n_params:,} parameters)", title_justify="left", header_style="bold")
+    table = Table(title=f"exported {checkpoint} to {result.directory} (Idefics3, {result.text_model_type} decoder, "
+                  f"{result.n_params:,} parameters)", title_justify="left", header_style="bold")
     table.add_column("file", style="cyan")
     table.add_column("size", justify="right")
     for f in result.files:
