@@ -74,8 +74,13 @@ def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
 def shard_model(model: VisionLanguageModel, device: torch.device, info: DistInfo) -> VisionLanguageModel:
     """Apply `fully_shard` to every decoder block, then to the model (the root), in place; returns the model.
 
-    Call it after freezing and before building the optimizer: the parameters become new `DTensor` objects.
+    Call it after freezing and before building the optimizer: the parameters become new `DTensor` objects. A single
+    process (no torchrun) gets a process group of one, so the same code path (mixed precision, sharded checkpoints)
+    runs on one GPU; `distributed.shutdown` destroys it.
     """
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     mesh = init_device_mesh(device.type, (info.world_size,))
     policy = mixed_precision(device)
     blocks = list(model.language.blocks)
