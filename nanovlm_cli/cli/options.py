@@ -199,6 +199,16 @@ def _take(args: list[str], i: int, sep: str, inline: str, n: int = 1) -> tuple[l
     return args[i:i + n], min(len(args), i + n)
 
 
+def _refusal(refused: list[tuple[str, Refused]], old_values: dict[str, str], ctx: Any) -> UsageError:
+    """One usage error for every refused old flag, each reason once with the flags it answers."""
+    reasons: dict[str, list[str]] = {}  # reason -> the old flags it answers (a callable names them itself)
+    for old, r in refused:
+        flags = reasons.setdefault(r.why(old_values) if callable(r.why) else r.why, [])
+        if not callable(r.why) and old not in flags:
+            flags.append(old)
+    return UsageError("; ".join(f"{', '.join(flags)}: {why}" if flags else why for why, flags in reasons.items()), ctx)
+
+
 class NanoCommand(TyperCommand):
     """A Typer command that also accepts `--some_option` for every `--some-option` it declares, and the original
     nanoVLM's spellings of its flags (`ALIASES`)."""
@@ -278,39 +288,45 @@ class NanoCommand(TyperCommand):
             elif isinstance(alias, Fixed):
                 self._refuse_bool_value(ctx, args[i] if i < len(args) and not sep else None, old, name)
                 opts += [alias.to, alias.value]
-            else:  # Rename
-                n = counts.get(alias.to, 0)
-                if n == 0:
-                    self._refuse_bool_value(ctx, args[i] if i < len(args) and not sep else None, old, name)
-                    opts.append(alias.to)
-                    continue
-                words, i = _take(args, i, sep, inline)
-                if alias.many and not sep:
-                    while i < len(args) and not args[i].startswith("-"):
-                        words.append(args[i])
-                        i += 1
-                    words = [",".join(words)]
-                if alias.merge and words:
-                    earlier = merged.setdefault(alias.to, (old, words[0]))
-                    if earlier[1] != words[0]:
-                        raise UsageError(f"{earlier[0]} {earlier[1]} and {old} {words[0]} differ; nanovlm applies one "
-                                         f"threshold to every rating: pass {alias.to} N once", ctx)
+            else:
+                words, i = self._renamed(ctx, alias, args, i, (old, name, sep, inline), counts.get(alias.to, 0), merged)
                 opts += [alias.to, *words]
         if refused:
-            reasons: dict[str, list[str]] = {}  # reason -> the old flags it answers (a callable names them itself)
-            for old, r in refused:
-                flags = reasons.setdefault(r.why(old_values) if callable(r.why) else r.why, [])
-                if not callable(r.why) and old not in flags:
-                    flags.append(old)
-            raise UsageError("; ".join(f"{', '.join(flags)}: {why}" if flags else why
-                                       for why, flags in reasons.items()), ctx)
-        for trigger, (option, value) in IMPLIED.get(self.name or "", {}).items():
-            given = {o.partition("=")[0] for o in opts if o.startswith("-")}
-            if trigger in given and option not in given:
-                opts += [option, value]
+            raise _refusal(refused, old_values, ctx)
+        opts += self._implied(opts)
         if not filled:
             return opts + (["--"] if after_dashes else []) + positionals
         return opts + self._arguments(ctx, filled, positionals, opts)
+
+    def _renamed(self, ctx: Any, alias: Rename, args: list[str], i: int, written: tuple[str, str, str, str], n: int,
+                 merged: dict[str, tuple[str, str]]) -> tuple[list[str], int]:
+        """The value words of an old flag that is another name of one of ours (`alias.to`, taking `n` words), and the
+        next index; `written` is (the old flag as typed, its kebab-case name, "=" or "", the inline value)."""
+        old, name, sep, inline = written
+        if n == 0:
+            self._refuse_bool_value(ctx, args[i] if i < len(args) and not sep else None, old, name)
+            return [], i
+        words, i = _take(args, i, sep, inline)
+        if alias.many and not sep:
+            while i < len(args) and not args[i].startswith("-"):
+                words.append(args[i])
+                i += 1
+            words = [",".join(words)]
+        if alias.merge and words:
+            earlier = merged.setdefault(alias.to, (old, words[0]))
+            if earlier[1] != words[0]:
+                raise UsageError(f"{earlier[0]} {earlier[1]} and {old} {words[0]} differ; nanovlm applies one "
+                                 f"threshold to every rating: pass {alias.to} N once", ctx)
+        return words, i
+
+    def _implied(self, opts: list[str]) -> list[str]:
+        """The options that the ones given imply (`IMPLIED`) when not given themselves."""
+        extra: list[str] = []
+        for trigger, (option, value) in IMPLIED.get(self.name or "", {}).items():
+            given = {o.partition("=")[0] for o in [*opts, *extra] if o.startswith("-")}
+            if trigger in given and option not in given:
+                extra += [option, value]
+        return extra
 
     def _arguments(self, ctx: Any, filled: dict[str, str], positionals: list[str], opts: list[str]) -> list[str]:
         """The positional words in argument order, with the values that old options gave."""
