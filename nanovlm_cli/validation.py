@@ -33,6 +33,7 @@ from nanovlm_cli.checkpoint.io import (
 from nanovlm_cli.checkpoint.upstream import convert_upstream_state_dict
 from nanovlm_cli.config import VLMConfig, check_field_types
 from nanovlm_cli.errors import CheckpointError, NanoVLMError
+from nanovlm_cli.models.lora import restore_adapters
 from nanovlm_cli.models.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -124,9 +125,11 @@ def _as_ours(header: _Header, cfg: VLMConfig, upstream: bool) -> dict[str, dict[
     return out
 
 
-def _meta_model(cfg: VLMConfig) -> dict[str, torch.Tensor]:
+def _meta_model(cfg: VLMConfig, lora: Any = None) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         model = VisionLanguageModel(cfg)
+        if lora is not None:  # a LoRA checkpoint's adapters, as loading re-creates them
+            restore_adapters(model, lora)
     return model.state_dict()
 
 
@@ -215,7 +218,7 @@ class _Validator:
         directory = self._directory
         self.header = header = _read_headers(directory)
         cfg = self._buildable_cfg()
-        expected = _meta_model(cfg)
+        expected = _meta_model(cfg, self.checkpoint.lora if self.checkpoint is not None else None)
         stored: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         head = None
         for mapped in _as_ours(header, cfg, self.upstream).values():

@@ -177,3 +177,29 @@ def test_spec_restores_the_same_adapters_and_adapter_state_dict_holds_only_them(
     assert lora_spec(tiny_model().model) is None
     with pytest.raises(ConfigError, match="does not exist"):
         restore_adapters(tiny_model().model, {**spec, "modules": ["language.blocks.9.attn.q_proj"]})
+
+
+def test_an_adapter_checkpoint_is_self_contained_and_loads_and_validates(tmp_path):
+    import json
+
+    from nanovlm_cli.checkpoint.io import load_model, save_model
+    from nanovlm_cli.validation import validate_checkpoint
+
+    loaded = tiny_model()
+    model = loaded.model
+    torch.manual_seed(1)
+    names = apply_lora(model, LoRAConfig(r=2, alpha=4.0))
+    _train_steps(model, steps=2)
+    directory = save_model(model, tmp_path / "ckpt", tokenizer=loaded.tokenizer, lora_base="runs/base/final")
+    lora = json.loads((directory / "config.json").read_text())["lora"]
+    assert lora == {"r": 2, "alpha": 4.0, "dropout": 0.0, "modules": names, "base": "runs/base/final"}
+    again = load_model(directory).model
+    assert [n for n, m in again.named_modules() if isinstance(m, LoRALinear)] == names
+    model.eval()
+    batch = _batch(model)
+    assert torch.equal(_logits(again, batch), _logits(model, batch))
+    report = validate_checkpoint(directory, generate=False)
+    assert report.ok, report.to_dict()
+    merged = save_model(merge_lora(again), tmp_path / "merged", tokenizer=loaded.tokenizer)
+    assert "lora" not in json.loads((merged / "config.json").read_text())
+    assert (_logits(load_model(merged).model, batch) - _logits(model, batch)).abs().max() <= 1e-5

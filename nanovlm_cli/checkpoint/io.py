@@ -7,6 +7,11 @@ A nanovlm checkpoint directory is self-contained and loads offline:
     tokenizer files      the tokenizer with its extra image tokens and chat template
     README.md            a model card generated from the config (and training summary when there is one)
 
+A LoRA checkpoint is the same self-contained directory: model.safetensors holds the base weights under their usual
+names plus the adapters (`...q_proj.lora_A`, `...q_proj.lora_B`), and config.json gains
+`"lora": {"r", "alpha", "dropout", "modules", "base"}` (`models.lora.lora_spec` and the base the adapters were
+trained on), so loading re-creates those adapters before the weights are checked and copied.
+
 Loading reads `config.json` once and classifies it (`checkpoint_kind`, the one place that tells the kinds of
 checkpoint apart): nanovlm's own, or the upstream nanoVLM repository's (flat `vit_*` / `lm_*` / `mp_*` config,
 converted by `checkpoint.upstream`). Every kind yields a `CheckpointConfig`: the parsed `VLMConfig`, where the
@@ -41,6 +46,7 @@ from nanovlm_cli.checkpoint.upstream import config_from_upstream, convert_upstre
 from nanovlm_cli.config import VLMConfig
 from nanovlm_cli.data.tokenizer import load_tokenizer, save_tokenizer
 from nanovlm_cli.errors import CheckpointError
+from nanovlm_cli.models.lora import lora_spec, restore_adapters
 from nanovlm_cli.models.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -73,6 +79,7 @@ class CheckpointConfig:
     format_version: int  # nanovlm's own format; 0 for files written before the field and for other kinds
     tokenizer_dir: Path | None  # the checkpoint's own tokenizer files; None: the tokenizer its config names
     convert_state: StateConverter = _stored_names  # stored weight names -> ours
+    lora: Mapping[str, Any] | None = None  # config.json's "lora" entry: adapters to re-create before loading
 
 
 def checkpoint_kind(config: Mapping[str, Any]) -> str | None:
@@ -103,7 +110,10 @@ def _read_nanovlm(raw: Mapping[str, Any], directory: Path) -> CheckpointConfig:
     if not isinstance(raw["model"], dict):
         raise CheckpointError(f"{directory / CONFIG_FILE} has a 'model' that is not a table of fields; re-save the "
                               "checkpoint")
-    return CheckpointConfig("nanovlm", VLMConfig.from_dict(raw["model"]), version, directory)
+    lora = raw.get("lora")
+    if lora is not None and not isinstance(lora, dict):
+        raise CheckpointError(f"{directory / CONFIG_FILE} has a 'lora' that is not a table; re-save the checkpoint")
+    return CheckpointConfig("nanovlm", VLMConfig.from_dict(raw["model"]), version, directory, lora=lora)
 
 
 def _read_upstream(raw: Mapping[str, Any], directory: Path) -> CheckpointConfig:
@@ -209,6 +219,8 @@ def load_model(
     tokenizer = load_checkpoint_tokenizer(checkpoint)
     cfg = complete_config(checkpoint.cfg, tokenizer)
     model = VisionLanguageModel(cfg)
+    if checkpoint.lora is not None:
+        restore_adapters(model, checkpoint.lora, str(source))
     check_and_copy(model, checkpoint.convert_state(state, cfg), str(source))
     model = model.to(device=device, dtype=dtype).eval()
     return LoadedModel(model, tokenizer, cfg, directory)
@@ -231,10 +243,13 @@ def save_model(
     tokenizer: Any = None,
     summary: dict[str, Any] | None = None,
     extra_files: dict[str, bytes] | None = None,
+    lora_base: str | None = None,
 ) -> Path:
     """Write a self-contained checkpoint atomically and return its directory.
 
     `extra_files` (name -> bytes) are written inside the same atomic step (e.g. training state for resume).
+    A model with LoRA adapters records them in config.json's "lora" entry, with `lora_base`: what the adapters
+    apply to (a checkpoint or backbones), for the reader; the base weights themselves are in the file.
     """
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -245,6 +260,9 @@ def save_model(
     try:
         cfg = model.cfg
         config = {"format_version": FORMAT_VERSION, "nanovlm_version": __version__, "model": cfg.to_dict()}
+        adapters = lora_spec(model)
+        if adapters is not None:
+            config["lora"] = {**adapters, "base": lora_base}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "nanovlm_version": __version__})
