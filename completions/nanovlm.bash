@@ -3,11 +3,11 @@ _nanovlm() {
     local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" cmd="" opts="" i
     for ((i = 1; i < COMP_CWORD; i++)); do
         case "${COMP_WORDS[i]}" in
-            train|generate|eval|vram|validate|push|chat|serve) cmd="${COMP_WORDS[i]}"; break ;;
+            train|generate|eval|vram|validate|push|export|chat|serve) cmd="${COMP_WORDS[i]}"; break ;;
         esac
     done
     if [[ -z "$cmd" ]]; then
-        COMPREPLY=($(compgen -W "--version -V --debug --help -h train generate eval vram validate push chat serve" -- "$cur"))
+        COMPREPLY=($(compgen -W "--version -V --debug --help -h train generate eval vram validate push export chat serve" -- "$cur"))
         return 0
     fi
     case "$cmd" in
@@ -51,10 +51,13 @@ _nanovlm() {
             opts="--generate --no-generate --device --json --help -h" ;;
         push)
             case "$prev" in
+                --format) COMPREPLY=($(compgen -W "nanovlm transformers" -- "$cur")); return 0 ;;
                 --dry-run) COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
                 --revision|--commit-message|-m|--license) COMPREPLY=(); return 0 ;;
             esac
-            opts="--private --revision --commit-message -m --dry-run --license --json --help -h" ;;
+            opts="--private --revision --commit-message -m --dry-run --license --format --json --help -h" ;;
+        export)
+            opts="--json --help -h" ;;
         chat)
             case "$prev" in
                 --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return 0 ;;

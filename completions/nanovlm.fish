@@ -8,6 +8,7 @@ complete -c nanovlm -n __fish_use_subcommand -a eval -d 'Score CHECKPOINT on a b
 complete -c nanovlm -n __fish_use_subcommand -a vram -d 'Measure peak training memory for several batch sizes'
 complete -c nanovlm -n __fish_use_subcommand -a validate -d 'Check that CHECKPOINT loads and is consistent'
 complete -c nanovlm -n __fish_use_subcommand -a push -d 'Validate CHECKPOINT, then upload it to the Hub as REPO_ID with a model card'
+complete -c nanovlm -n __fish_use_subcommand -a export -d 'Export CHECKPOINT to OUT_DIR in the transformers Idefics3 format'
 complete -c nanovlm -n __fish_use_subcommand -a chat -d 'Talk with a checkpoint: multi-turn, with images, streamed'
 complete -c nanovlm -n __fish_use_subcommand -a serve -d 'Serve CHECKPOINT over the OpenAI chat-completions API, with a chat page at /'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l preset -x -a 'default original_small dinov3_gemma dinov2_smollm tiny' -d 'Named model + training preset (see README)'
@@ -132,7 +133,10 @@ complete -c nanovlm -n '__fish_seen_subcommand_from push' -l revision -r -d 'Bra
 complete -c nanovlm -n '__fish_seen_subcommand_from push' -l commit-message -s m -r -d 'Commit message'
 complete -c nanovlm -n '__fish_seen_subcommand_from push' -l dry-run -r -F -d 'Write the files that would be uploaded into DIR; upload nothing'
 complete -c nanovlm -n '__fish_seen_subcommand_from push' -l license -r -d 'License for the model card, e.g'
+complete -c nanovlm -n '__fish_seen_subcommand_from push' -l format -x -a 'nanovlm transformers' -d 'What to upload: the checkpoint as saved, or `nanovlm export`\'s transformers directory'
 complete -c nanovlm -n '__fish_seen_subcommand_from push' -l json -d 'Print the result as JSON on stdout'
+complete -c nanovlm -n '__fish_seen_subcommand_from export' -l json -d 'Print the result as JSON on stdout'
+complete -c nanovlm -n '__fish_seen_subcommand_from export' -F
 complete -c nanovlm -n '__fish_seen_subcommand_from chat' -l checkpoint -s c -r -d 'Checkpoint directory or Hub model id'
 complete -c nanovlm -n '__fish_seen_subcommand_from chat' -l max-new-tokens -r -d 'Tokens per answer at most'
 complete -c nanovlm -n '__fish_seen_subcommand_from chat' -l temperature -r -d 'Sampling temperature (0 means greedy)'

@@ -47,7 +47,8 @@ def test_generation_does_not_depend_on_terminal_width(generated, monkeypatch):
 
 def test_every_command_and_option_is_in_every_output(generated):
     _, commands = describe(get_command())
-    assert [c.name for c in commands] == ["train", "generate", "eval", "vram", "validate", "push", "chat", "serve"]
+    assert [c.name for c in commands] == ["train", "generate", "eval", "vram", "validate", "push", "export", "chat",
+                                          "serve"]
     for path in OUTPUTS:
         text = generated[path].replace("\\-", "-")  # roff escapes dashes
         for command in commands:
