@@ -42,12 +42,11 @@ class TrainingDataset(ABC):
     def name(self) -> str:
         return self.cfg.dataset
 
-    def _open(self, split: str, skips: SkipCounter | None, size: int | None = None) -> RecordSource:
+    def _open(self, split: str, skips: SkipCounter | None, size: int | None = None, **options: Any) -> RecordSource:
         cfg = self.cfg
         return open_source(cfg.dataset, config=cfg.dataset_config, split=split, stream=cfg.stream,
                            image_root=cfg.image_root, min_rating=cfg.min_rating, size=size, seed=cfg.seed,
-                           skips=skips, shapes_turns=cfg.shapes_turns,
-                           shapes_multiple_choice=cfg.shapes_multiple_choice)
+                           skips=skips, **options)
 
     @abstractmethod
     def train_source(self, skips: SkipCounter) -> RecordSource:
@@ -82,11 +81,15 @@ class ShapesDataset(TrainingDataset):
     """The built-in shapes set: `dataset_size` training records, a "val" split of exactly the records validation
     uses, and the MMStar-format evaluation on its "eval" split (`eval_size` questions; 0 switches it off)."""
 
+    def _open_shapes(self, split: str, skips: SkipCounter | None, size: int) -> RecordSource:
+        return self._open(split, skips, size=size, shapes_turns=self.cfg.shapes_turns,
+                          shapes_multiple_choice=self.cfg.shapes_multiple_choice)
+
     def train_source(self, skips: SkipCounter) -> RecordSource:
-        return self._open(self.cfg.split, skips, size=self.cfg.dataset_size)
+        return self._open_shapes(self.cfg.split, skips, self.cfg.dataset_size)
 
     def validation_source(self, skips: SkipCounter | None = None) -> RecordSource | None:
-        return self._open("val", skips, size=self.cfg.validation_batches * self.cfg.batch_size)
+        return self._open_shapes("val", skips, self.cfg.validation_batches * self.cfg.batch_size)
 
     def final_eval(self, processor: Processor) -> FinalEval | None:
         if self.cfg.eval_size <= 0:

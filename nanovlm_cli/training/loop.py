@@ -2,7 +2,7 @@
 
 A run is a recipe in named stages (after torchtune's recipes), each a method of `TrainingRecipe`:
 
-    setup             _setup_model, _setup_optimizer, _setup_data, load_checkpoint_state, _wrap_model
+    setup             _setup_model, _setup_optimizer, _setup_data, load_checkpoint_state, wrap_model
     train             per step: train_step (one optimizer step), _record_step, validate_and_save
     finish            the final checkpoint, the summary, the dataset's end-of-run evaluation, files, push
 
@@ -16,7 +16,7 @@ Design choices:
 - Ctrl-C / SIGTERM during a step finish it, save a checkpoint and return (`summary.interrupted_by`); while waiting
   for data or before the first step they stop at once (`training.signals`), saving what a finished step left.
 - Three seams for what comes next (LoRA adapters, FSDP2), each marked `SEAM` below: `_setup_optimizer` chooses the
-  trainable parameters, `_wrap_model` wraps the model for distribution, and `save_checkpoint` /
+  trainable parameters, `training.parallel.wrap_model` wraps the model for distribution, and `save_checkpoint` /
   `load_checkpoint_state` are the one place checkpoint state is gathered, written and restored.
 """
 
@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from nanovlm_cli.checkpoint.io import build_model, load_model, save_model
 from nanovlm_cli.config import TrainConfig, VLMConfig
@@ -40,7 +39,7 @@ from nanovlm_cli.data.sample import Batch
 from nanovlm_cli.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from nanovlm_cli.errors import TrainingError
 from nanovlm_cli.hub import push_checkpoint
-from nanovlm_cli.models.vlm import compile_blocks, loss_targets
+from nanovlm_cli.models.vlm import VisionLanguageModel, compile_blocks, loss_targets
 from nanovlm_cli.training import state as st
 from nanovlm_cli.training.data import TrainingData, build_training_data
 from nanovlm_cli.training.metrics import (
@@ -52,6 +51,7 @@ from nanovlm_cli.training.metrics import (
     memory_snapshot,
 )
 from nanovlm_cli.training.optim import apply_freezing, build_optimizer, build_scheduler
+from nanovlm_cli.training.parallel import wrap_model
 from nanovlm_cli.training.reporting import CallbackList, Reporter, check_reporter_installed
 from nanovlm_cli.training.signals import StopFlag, TrainingInterrupted, signal_name
 from nanovlm_cli.training.state import RunState
@@ -118,8 +118,18 @@ class StepResult:
 class TrainingRecipe:
     """One training run in named stages: `run` = `setup` -> `train` -> `finish` (see the module docstring).
 
-    The live `state` (a `RunState`) is the run's position; everything else here is built by `setup`.
+    The live `state` (a `RunState`) is the run's position; `setup` builds the rest.
     """
+
+    run_dir: Path
+    model_cfg: VLMConfig  # the model's own config (a resumed checkpoint's, not the one passed in)
+    model: VisionLanguageModel
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data: TrainingData
+    n_trainable: int
+    n_frozen: int
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, device: torch.device, stop: StopFlag,
                  callback: TrainCallback) -> None:
@@ -132,7 +142,7 @@ class TrainingRecipe:
         self.saved: tuple[int, Path] | None = None  # (step, directory) of the last step checkpoint written
         self.rng_after_step: dict[str, Any] | None = None  # single process: what a save after a data wait records
         self.metrics_file: Any = None
-        self.ddp_model: torch.nn.Module | None = None
+        self.wrapped: torch.nn.Module | None = None  # the model wrapped for distribution (DDP), None alone
 
     def run(self, model_cfg: VLMConfig) -> TrainSummary:
         t_start = time.perf_counter()
@@ -168,7 +178,7 @@ class TrainingRecipe:
             st.truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         if cfg.compile:
             compile_blocks(self.model, self.device)
-        self.ddp_model = self._wrap_model()
+        self.wrapped = wrap_model(self.model, info, self.device)  # SEAM (FSDP2): see training.parallel
         if info.is_main and cfg.report_to != "none":
             self.callback = CallbackList(self.callback, Reporter(cfg.report_to, self.model_cfg, cfg))
         self.n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -198,17 +208,7 @@ class TrainingRecipe:
 
     def _setup_data(self) -> None:
         """This rank's loader, validation batches and the dataset's end-of-run evaluation (`training.data`)."""
-        self.data: TrainingData = build_training_data(self.model_cfg, self.cfg, self.tokenizer, self.info)
-
-    def _wrap_model(self) -> torch.nn.Module | None:
-        """The model wrapped for distributed training (DDP around the loss), or None in a single process."""
-        # SEAM (FSDP2): the model is wrapped for distribution here, and only here.
-        if not self.info.enabled:
-            return None
-        return DistributedDataParallel(
-            _LossModule(self.model), device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=True,  # text-only batches leave the vision encoder unused
-        )
+        self.data = build_training_data(self.model_cfg, self.cfg, self.tokenizer, self.info)
 
     # ------------------------------------------------------------------ checkpoint state
 
@@ -231,6 +231,7 @@ class TrainingRecipe:
 
     def load_checkpoint_state(self, saved: RunState) -> None:
         """Restore optimizer, schedule, data position and this rank's RNG from a saved run state."""
+        # SEAM (FSDP2, LoRA): checkpoint state is restored here (gathered in save_checkpoint).
         self.optimizer.load_state_dict(saved.optimizer)
         self.scheduler.load_state_dict(saved.scheduler)
         self.data.loader.load_state_dict(saved.data)
@@ -311,7 +312,7 @@ class TrainingRecipe:
 
     def _backward(self, batch: Batch, scale: float, sync: bool) -> float:
         """Forward and backward of one micro-batch; under DDP gradients are all-reduced only when `sync`."""
-        ddp = self.ddp_model
+        ddp = self.wrapped  # DDP: gradients all-reduce in backward, except under no_sync
         with ddp.no_sync() if (ddp is not None and not sync) else contextlib.nullcontext():
             with _autocast(self.device):
                 batch_loss = ddp(batch) if ddp is not None else self.model.loss(batch).loss_sum
@@ -436,13 +437,3 @@ class TrainingRecipe:
         if self.cfg.hf_repo_name and not summary.interrupted:
             push_checkpoint(final_dir, self.cfg.hf_repo_name)
 
-
-class _LossModule(torch.nn.Module):
-    """What DDP wraps: its forward is the summed loss, so DDP's gradient hooks see the whole computation."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        return self.model.loss(batch).loss_sum
