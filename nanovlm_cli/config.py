@@ -307,9 +307,8 @@ class VLMConfig(_Config):
         """Tokens added to the tokenizer (once), in id order; no global-image token for tiles without a global view
         (upstream nanoVLM's first tiles checkpoints: `<|image|>` then the `<row_i_col_j>` markers)."""
         no_global = self.image.mode == "tiles" and not self.image.global_view
-        if self.image.mode == "idefics3":
-            end = [self.end_of_turn] if self.end_of_turn else []
-            return [self.fake_image_token, self.image_token, *end, self.global_image_token, *self.tile_tokens]
+        if self.image.mode == "idefics3":  # (never the end-of-turn token: generation blocks these ids)
+            return [self.fake_image_token, self.image_token, self.global_image_token, *self.tile_tokens]
         return [self.image_token, *([] if no_global else [self.global_image_token]), *self.tile_tokens]
 
     def n_params_estimate(self) -> int:

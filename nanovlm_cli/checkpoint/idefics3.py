@@ -274,3 +274,10 @@ def read_processor_files(directory: str | Path) -> tuple[dict[str, Any], int | N
         if template is None and isinstance(files.get(name, {}).get("chat_template"), str):
             template = files[name]["chat_template"]
     return image_processor, None if seq_len is None else int(seq_len), template
+
+
+def read_idefics3_config(config: Mapping[str, Any], directory: str | Path) -> VLMConfig:
+    """Our VLMConfig for the Idefics3/SmolVLM checkpoint in `directory` whose parsed config.json is `config`."""
+    image_processor, image_seq_len, chat_template = read_processor_files(directory)
+    return config_from_idefics3(config, image_processor=image_processor, image_seq_len=image_seq_len,
+                                chat_template=chat_template)
