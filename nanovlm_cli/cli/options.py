@@ -1,6 +1,7 @@
 """Reusable `Annotated` option aliases and the command class every `nanovlm` command uses.
 
-Options are declared once here with their help text and reused across commands, as in the `hf` CLI.
+Options are declared once here with their help text and reused across commands, as in the `hf` CLI; the options
+of the training fields are not written here but built from the fields' own descriptions (`cli/config_options.py`).
 Underscore spellings (`--batch_size`, `--resume_from_vlm_checkpoint`, as the original nanoVLM scripts spell
 them) are accepted for every option by `NanoCommand`, which rewrites them to the kebab-case name before
 parsing: help, completions and the man page list one name per option, and an option added later gets its
