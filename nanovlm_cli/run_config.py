@@ -21,6 +21,7 @@ from typing import Any
 
 from nanovlm_cli.config import TrainConfig, VLMConfig, check_field_types, load_json_config
 from nanovlm_cli.errors import ConfigError
+from nanovlm_cli.field_types import field_types
 from nanovlm_cli.presets import get_preset, with_backbones
 
 TRAIN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(TrainConfig))
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # Optional text fields where the string "None" (as the original repository's scripts pass it) means "unset".
 NULLABLE_TEXT_FIELDS: frozenset[str] = frozenset(
-    f.name for f in fields(TrainConfig) if f.type in ("str | None", "Optional[str]")
+    name for name, tp in field_types(TrainConfig).items() if tp == str | None
 )
 
 
