@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from nanovlm_cli.evaluation.datasets import load_benchmark
 from nanovlm_cli.checkpoint.io import build_model, save_model
 from nanovlm_cli.cli.app import run
 from nanovlm_cli.data.processor import Processor
@@ -27,6 +26,7 @@ from nanovlm_cli.evaluation import (
     summarise,
     write_results,
 )
+from nanovlm_cli.evaluation.datasets import load_benchmark
 from nanovlm_cli.presets import get_preset
 from tests.helpers import solid_image
 
@@ -362,3 +362,34 @@ def test_eval_command_refuses_compile_with_lmms_eval(checkpoint, capsys):
     assert run(["eval", str(checkpoint), "--backend", "lmms-eval", "--tasks", "mmstar", "--compile"]) == 1
     err = capsys.readouterr().err
     assert "--compile works with the native backend only" in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_public_evaluation_name_resolves_even_when_the_shapes_data_is_imported_first():
+    """`data/shapes.py` imports `evaluation.prompt`; the package must not re-enter it half-initialised."""
+    import subprocess
+    import sys
+
+    from nanovlm_cli import evaluation
+
+    code = ("import nanovlm_cli.data.shapes as s; import nanovlm_cli.evaluation as e; "
+            "assert s.mmstar_prompt is e.mmstar_prompt; "
+            "print(sorted(n for n in e.__all__ if getattr(e, n, None) is None))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    assert {"evaluate_checkpoint", "load_benchmark", "run_lmms_eval", "mmstar_prompt"} <= set(evaluation.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'evaluate_everything'"):
+        evaluation.evaluate_everything  # noqa: B018
+
+
+def test_eval_mode_restores_the_training_mode_after_an_error():
+    from nanovlm_cli.models.vlm import eval_mode
+
+    model = torch.nn.Linear(2, 2).train()
+    with pytest.raises(RuntimeError), eval_mode(model):
+        assert not model.training and not torch.is_grad_enabled()
+        raise RuntimeError("mid-evaluation")
+    assert model.training and torch.is_grad_enabled()
+    with eval_mode(model.eval()):
+        pass
+    assert not model.training  # a model found in eval mode stays there

@@ -329,3 +329,23 @@ def test_compiled_engine_generates_the_same_tokens_and_compiles_the_decode_step_
     assert graphs <= 4, dict(counters["stats"])
     assert counters["stats"]["unique_graphs"] - graphs <= 1, dict(counters["stats"])
     torch._dynamo.reset()
+
+
+def test_pad_id_is_the_tokenizers_pad_but_never_the_avoided_image_token():
+    from types import SimpleNamespace
+
+    from nanovlm_cli.data.tokenizer import resolve_pad_id
+
+    assert resolve_pad_id(SimpleNamespace(pad_token_id=7)) == 7
+    assert resolve_pad_id(SimpleNamespace(pad_token_id=None)) == 0
+    assert resolve_pad_id(None) == 0
+    assert resolve_pad_id(SimpleNamespace(pad_token_id=7), avoid=7) == 0
+    assert resolve_pad_id(SimpleNamespace(pad_token_id=None), avoid=0) == 1
+
+
+def test_engine_pads_with_the_tokenizers_pad_id(loaded, processor):
+    from nanovlm_cli.data.tokenizer import resolve_pad_id
+
+    engine = Engine(loaded.model, processor)
+    assert engine._pad_id() == resolve_pad_id(processor.tokenizer, avoid=loaded.model.image_token_id)
+    assert engine._pad_id() != loaded.model.image_token_id

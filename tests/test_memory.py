@@ -157,3 +157,13 @@ def test_vram_command_json_reports_measured_and_estimated_rows(capsys):
         assert row["measured_peak_bytes"] > 0 and row["estimated_peak_bytes"] > 0 and row["oom"] is False
     assert report["rows"][1]["estimated_peak_bytes"] > report["rows"][0]["estimated_peak_bytes"]
     assert report["max_batch_size"] > 2
+
+
+def test_vram_measures_only_cuda_or_cpu_and_auto_never_picks_mps(monkeypatch):
+    from nanovlm_cli.memory.sweep import _measured_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert _measured_device("auto") == CPU
+    with pytest.raises(ConfigError, match=r"--device mps is not supported here \(vram measures CUDA or CPU memory\)"):
+        _measured_device("mps")

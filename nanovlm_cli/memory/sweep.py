@@ -16,10 +16,10 @@ from typing import Any
 import psutil
 import torch
 
-from nanovlm_cli import distributed
 from nanovlm_cli.checkpoint.files import resolve_source
 from nanovlm_cli.checkpoint.io import read_model_config
 from nanovlm_cli.config import TrainConfig, VLMConfig, check_device_name
+from nanovlm_cli.devices import resolve_device
 from nanovlm_cli.errors import ConfigError, NanoVLMError
 from nanovlm_cli.memory.estimate import GIB, SampleShape, estimate_memory, max_batch_size, sample_shape
 from nanovlm_cli.memory.measure import measure_in_subprocess, measure_step
@@ -27,6 +27,7 @@ from nanovlm_cli.memory.measure import measure_in_subprocess, measure_step
 logger = logging.getLogger(__name__)
 
 SKIP_FACTOR = 1.2  # skip a measurement whose estimate exceeds the available memory by more than this factor
+MEASURED_DEVICES = ("cuda", "cpu")  # the memory a sweep can read: the CUDA allocator's peaks, or resident memory
 
 
 # --- The sweep behind `nanovlm vram` -------------------------------------------------------------------------
@@ -66,15 +67,9 @@ class VramReport:
                 "available_bytes": self.available_bytes}
 
 
-def resolve_device(device: str) -> torch.device:
-    """The device `nanovlm vram` measures on: `distributed.resolve_device`, CUDA or the CPU only ("auto" skips MPS)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = distributed.resolve_device(device)
-    if dev.type not in ("cuda", "cpu"):
-        raise ConfigError(f"--device {device} is not supported by vram (it measures CUDA or CPU memory); use auto, "
-                          "cpu or cuda[:N]")
-    return dev
+def _measured_device(device: str) -> torch.device:
+    """The device a sweep measures on: CUDA or the CPU only (`--device auto` never picks MPS)."""
+    return resolve_device(device, kinds=MEASURED_DEVICES, reason="vram measures CUDA or CPU memory")
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -108,7 +103,7 @@ def _estimate_device(device: str) -> torch.device:
     """The device a sweep without measurements estimates for: any device spelling, present on this machine or not."""
     check_device_name(device)
     if device == "auto":
-        return resolve_device(device)
+        return _measured_device(device)
     if device == "mps":
         raise ConfigError("--device mps is not supported by vram (it models CUDA or CPU memory); use cpu or cuda")
     return torch.device(device)
@@ -140,7 +135,7 @@ def measure_vram(
         raise ConfigError("measure_vram needs a model config or a checkpoint; pass one of them")
     if estimate_only and measure_all:
         raise ConfigError("--estimate-only measures nothing and --measure-all measures every size; pass one of them")
-    dev = _estimate_device(device) if estimate_only else resolve_device(device)
+    dev = _estimate_device(device) if estimate_only else _measured_device(device)
     train_cfg = train_cfg.replace(max_seq_len=_row_seq_len(model_cfg, train_cfg, seq_len, checkpoint))
     shape = sample_shape(model_cfg, train_cfg.max_seq_len, images_per_sample)
     available = None if estimate_only else available_memory(dev)

@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from nanovlm_cli.serving.page import chat_page
 from nanovlm_cli.serving.schema import APIError, parse_request
 from nanovlm_cli.serving.service import Encoded, Service
 
@@ -32,27 +33,13 @@ def _error(exc: APIError) -> JSONResponse:
 
 
 def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
+    """The app serving `service`; with `api_key`, every /v1 route wants `Authorization: Bearer <api_key>`."""
     app = FastAPI(title="nanovlm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
-
-    @app.exception_handler(APIError)
-    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return _error(exc)
-
-    @app.exception_handler(404)
-    async def _not_found(request: Request, _exc: Exception) -> JSONResponse:
-        return _error(APIError(404, f"no route {request.method} {request.url.path}; see /v1/chat/completions, "
-                                    "/v1/models, /health", code="unknown_url"))
-
-    @app.exception_handler(405)
-    async def _not_allowed(request: Request, _exc: Exception) -> JSONResponse:
-        return JSONResponse(APIError(405, f"{request.method} is not allowed on {request.url.path}").body(), 405)
+    _add_error_handlers(app)
 
     def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {api_key}":
+        if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>' with the key given "
                                 "to --api-key", code="invalid_api_key")
 
@@ -69,48 +56,72 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        from nanovlm_cli.serving.page import chat_page
-
         return HTMLResponse(chat_page(service.model_id))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         check_key(request)
-        limit = service.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"the request body is {declared} bytes, more than {limit} (--max-body-bytes)",
-                           code="body_too_large")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise APIError(413, f"the request body is more than {limit} bytes (--max-body-bytes)",
-                               code="body_too_large")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from exc
+        body = await _read_json(request, service.limits.max_body_bytes)
         # image decoding and tokenising are CPU work: off the event loop
         encoded = await run_in_threadpool(lambda: service.encode(parse_request(body, service.limits)))
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if encoded.request.stream:
             return _stream(service, encoded, completion_id)
-        loop = asyncio.get_running_loop()
-        finished: asyncio.Future = loop.create_future()
-        service.submit(encoded, on_done=lambda job: loop.call_soon_threadsafe(
-            lambda: finished.done() or finished.set_result(job)))
-        job = await finished
-        if job.error is not None:
-            raise APIError(500, f"generation failed: {job.error}", code="generation_failed")
-        choices = [{"index": k, "message": {"role": "assistant", "content": text},
-                    "finish_reason": FINISH.get(job.finish_reasons[k], "stop"), "logprobs": None}
-                   for k, text in enumerate(job.texts)]
-        return {"id": completion_id, "object": "chat.completion", "created": int(time.time()),
-                "model": service.model_id, "choices": choices, "usage": _usage(encoded, job.new_tokens),
-                "system_fingerprint": None}
+        return await _complete(service, encoded, completion_id)
 
     return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every refusal, ours or the router's (404, 405), as the OpenAI error object."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, _exc: Exception) -> JSONResponse:
+        return _error(APIError(404, f"no route {request.method} {request.url.path}; see /v1/chat/completions, "
+                                    "/v1/models, /health", code="unknown_url"))
+
+    @app.exception_handler(405)
+    async def _not_allowed(request: Request, _exc: Exception) -> JSONResponse:
+        return JSONResponse(APIError(405, f"{request.method} is not allowed on {request.url.path}").body(), 405)
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The request body parsed as JSON; 413 past `limit` bytes (declared or streamed), 400 when not JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {declared} bytes, more than {limit} (--max-body-bytes)",
+                       code="body_too_large")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise APIError(413, f"the request body is more than {limit} bytes (--max-body-bytes)",
+                           code="body_too_large")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from exc
+
+
+async def _complete(service: Service, encoded: Encoded, completion_id: str) -> dict[str, Any]:
+    """A whole `chat.completion`: the job is queued, and awaited without blocking the event loop."""
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future = loop.create_future()
+    service.submit(encoded, on_done=lambda job: loop.call_soon_threadsafe(
+        lambda: finished.done() or finished.set_result(job)))
+    job = await finished
+    if job.error is not None:
+        raise APIError(500, f"generation failed: {job.error}", code="generation_failed")
+    choices = [{"index": k, "message": {"role": "assistant", "content": text},
+                "finish_reason": FINISH.get(job.finish_reasons[k], "stop"), "logprobs": None}
+               for k, text in enumerate(job.texts)]
+    return {"id": completion_id, "object": "chat.completion", "created": int(time.time()),
+            "model": service.model_id, "choices": choices, "usage": _usage(encoded, job.new_tokens),
+            "system_fingerprint": None}
 
 
 def _usage(encoded: Encoded, new_tokens: list[int]) -> dict[str, int]:

@@ -101,47 +101,52 @@ def parse_request(body: Any, limits: Limits) -> ChatRequest:
         raise _bad("'messages' is required: a non-empty list of {role, content}", "messages", "missing_required")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise _bad("'messages' must be a non-empty list of {role, content}", "messages", "invalid_type")
-
-    messages: list[dict[str, Any]] = []
     images: list[Any] = []
-    for i, message in enumerate(raw_messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise _bad(f"{where} must be an object with 'role' and 'content'", where, "invalid_type")
-        role = message.get("role")
-        if role not in ROLES:
-            raise _bad(f"{where}.role is {role!r}; use one of {', '.join(ROLES)}", f"{where}.role")
-        content = message.get("content")
-        parts: list[dict[str, Any]] = []
-        pictures: list[dict[str, Any]] = []
-        if content is None and role == "assistant":
-            content = ""
-        if isinstance(content, str):
-            parts.append({"type": "text", "text": content})
-        elif isinstance(content, list):
-            for j, part in enumerate(content):
-                at = f"{where}.content[{j}]"
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text":
-                    if not isinstance(part.get("text"), str):
-                        raise _bad(f"{at}.text must be a string", f"{at}.text", "invalid_type")
-                    parts.append({"type": "text", "text": part["text"]})
-                elif kind == "image_url":
-                    if len(images) >= limits.max_images:
-                        raise _bad(f"too many images: more than {limits.max_images} in this request (the limit "
-                                   "is --max-images)", at, "too_many_images")
-                    images.append(load_request_image(part.get("image_url"), f"{at}.image_url", limits))
-                    pictures.append({"type": "image"})
-                else:
-                    raise _bad(f"{at} has type {kind!r}; parts must be 'text' or 'image_url'", f"{at}.type")
-        else:
-            raise _bad(f"{where}.content must be a string or a list of parts, got {type(content).__name__}",
-                       f"{where}.content", "invalid_type")
-        messages.append({"role": role, "content": pictures + parts})
+    messages = [_parse_message(message, f"messages[{i}]", images, limits) for i, message in enumerate(raw_messages)]
     if messages[-1]["role"] == "assistant":
         raise _bad("the last message is the assistant's; end with a user (or system) message to be answered",
                    f"messages[{len(messages) - 1}].role")
+    return ChatRequest(model=model, messages=messages, images=images, **_parse_sampling(body, limits))
 
+
+def _parse_message(message: Any, where: str, images: list[Any], limits: Limits) -> dict[str, Any]:
+    """One message as HF chat parts, its images first; the decoded images are appended to `images`."""
+    if not isinstance(message, dict):
+        raise _bad(f"{where} must be an object with 'role' and 'content'", where, "invalid_type")
+    role = message.get("role")
+    if role not in ROLES:
+        raise _bad(f"{where}.role is {role!r}; use one of {', '.join(ROLES)}", f"{where}.role")
+    content = message.get("content")
+    parts: list[dict[str, Any]] = []
+    pictures: list[dict[str, Any]] = []
+    if content is None and role == "assistant":
+        content = ""
+    if isinstance(content, str):
+        parts.append({"type": "text", "text": content})
+    elif isinstance(content, list):
+        for j, part in enumerate(content):
+            at = f"{where}.content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise _bad(f"{at}.text must be a string", f"{at}.text", "invalid_type")
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                if len(images) >= limits.max_images:
+                    raise _bad(f"too many images: more than {limits.max_images} in this request (the limit "
+                               "is --max-images)", at, "too_many_images")
+                images.append(load_request_image(part.get("image_url"), f"{at}.image_url", limits))
+                pictures.append({"type": "image"})
+            else:
+                raise _bad(f"{at} has type {kind!r}; parts must be 'text' or 'image_url'", f"{at}.type")
+    else:
+        raise _bad(f"{where}.content must be a string or a list of parts, got {type(content).__name__}",
+                   f"{where}.content", "invalid_type")
+    return {"role": role, "content": pictures + parts}
+
+
+def _parse_sampling(body: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """The `ChatRequest` fields after the messages: token budget, sampling, stop strings, streaming."""
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise _bad("give 'max_tokens' or 'max_completion_tokens', not both", "max_tokens")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -152,27 +157,28 @@ def parse_request(body: Any, limits: Limits) -> ChatRequest:
         raise _bad("'top_p'=0 keeps no token; use a value in (0, 1]", "top_p")
     seed = _number(body, "seed", lo=-(2 ** 63), hi=2 ** 63 - 1, integer=True)
     n = _number(body, "n", lo=1, hi=limits.max_n, integer=True)
-    stop = body.get("stop")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,)
-    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
-        stops = tuple(stop)
-    else:
-        raise _bad("'stop' must be a string or a list of at most 4 strings", "stop", "invalid_type")
+    stops = _parse_stop(body.get("stop"))
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise _bad(f"'stream' must be true or false, got {stream!r:.40}", "stream", "invalid_type")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
-    return ChatRequest(
-        model=model, messages=messages, images=images, max_tokens=None if max_tokens is None else int(max_tokens),
-        temperature=1.0 if temperature is None else float(temperature), top_p=None if top_p is None else float(top_p),
-        stop=stops, seed=None if seed is None else int(seed), n=1 if n is None else int(n), stream=bool(stream),
-        include_usage=bool(options.get("include_usage", False)),
-    )
+    return {"max_tokens": None if max_tokens is None else int(max_tokens),
+            "temperature": 1.0 if temperature is None else float(temperature),
+            "top_p": None if top_p is None else float(top_p), "stop": stops,
+            "seed": None if seed is None else int(seed), "n": 1 if n is None else int(n), "stream": bool(stream),
+            "include_usage": bool(options.get("include_usage", False))}
+
+
+def _parse_stop(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
+        return tuple(stop)
+    raise _bad("'stop' must be a string or a list of at most 4 strings", "stop", "invalid_type")
 
 
 # ----------------------------------------------------------------------------------------------------------------

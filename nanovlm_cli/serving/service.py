@@ -51,8 +51,7 @@ class Service:
         """Load `checkpoint` (a directory or Hub id) as `nanovlm generate` does."""
         from nanovlm_cli.checkpoint.io import load_model
         from nanovlm_cli.data.processor import Processor
-        from nanovlm_cli.distributed import resolve_device
-        from nanovlm_cli.generation import resolve_dtype
+        from nanovlm_cli.devices import resolve_device, resolve_dtype
 
         torch_device = resolve_device(device)
         loaded = load_model(checkpoint, device=torch_device, dtype=resolve_dtype(dtype, torch_device))
