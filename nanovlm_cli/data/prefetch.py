@@ -75,6 +75,17 @@ class EncodePool:
         join_threads(self._threads, None if wait else ABANDON_GRACE_S)
 
 
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put `item` on `q`, waiting while it is full; False when `stop` was set before it went in."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def prefetch(windows: Iterator[T], depth: int, abandon: threading.Event) -> Iterator[T]:
     """Run `windows` in a producer thread, `depth` windows ahead; stops the producer when closed, and waits for it
     unless `abandon` is set (as it is when the consumer leaves on an error or a signal)."""
@@ -84,23 +95,12 @@ def prefetch(windows: Iterator[T], depth: int, abandon: threading.Event) -> Iter
     def produce() -> None:
         try:
             for item in windows:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.05)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not _put(q, item, stop) or stop.is_set():
                     return
             item = _END
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread, which re-raises it
             item = exc
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.05)
-                return
-            except queue.Full:
-                continue
+        _put(q, item, stop)
 
     thread = threading.Thread(target=produce, name="nanovlm-prefetch", daemon=True)
     thread.start()
