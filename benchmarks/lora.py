@@ -28,7 +28,7 @@ import torch
 
 from nanovlm_cli.config import TrainConfig, VLMConfig
 from nanovlm_cli.memory import sample_shape
-from nanovlm_cli.memory.estimate import stand_in_image_token_id, synthetic_batch
+from nanovlm_cli.memory.estimate import synthetic_batch
 from nanovlm_cli.models.lora import LoRAConfig, apply_lora, parameter_counts
 from nanovlm_cli.models.vlm import VisionLanguageModel
 from nanovlm_cli.presets import get_preset
@@ -48,7 +48,8 @@ def _scaled_20m() -> VLMConfig:
     vision = base.vision.replace(n_layers=4, hidden_dim=256, intermediate_dim=1024, n_heads=4)
     language = base.language.replace(n_layers=6, hidden_dim=384, intermediate_dim=1024, n_heads=6, n_kv_heads=2,
                                      vocab_size=16384)
-    return base.replace(vision=vision, language=language, image_token_id=None)  # the stand-in id fits the vocab
+    # the image token is the first extra row, as the presets fix it (presets._with_extra_vocab)
+    return base.replace(vision=vision, language=language, image_token_id=language.vocab_size)
 
 
 MODELS = {"tiny": (get_preset("tiny").model, 256, 8), "20M": (_scaled_20m(), 512, 2)}
@@ -66,7 +67,7 @@ def _tensor_bytes(tensors) -> int:
 
 
 def _build(cfg: VLMConfig, lora: LoRAConfig | None) -> tuple[VisionLanguageModel, torch.optim.Optimizer]:
-    model = VisionLanguageModel(cfg.replace(image_token_id=stand_in_image_token_id(cfg))).train()
+    model = VisionLanguageModel(cfg).train()
     if lora is not None:
         apply_lora(model, lora)
     return model, build_optimizer(model, TrainConfig(), torch.device("cpu"))

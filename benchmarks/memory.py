@@ -45,7 +45,8 @@ def scaled(vision_layers: int, vision_dim: int, lm_layers: int, lm_dim: int, lm_
                                  n_heads=vision_dim // 64)
     language = base.language.replace(n_layers=lm_layers, hidden_dim=lm_dim, intermediate_dim=intermediate,
                                       n_heads=lm_heads, n_kv_heads=lm_kv_heads, vocab_size=vocab)
-    return base.replace(vision=vision, language=language)
+    # the image token is the first extra row, as the presets fix it (presets._with_extra_vocab)
+    return base.replace(vision=vision, language=language, image_token_id=vocab)
 
 
 MODELS = {

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nanovlm_cli.config import TrainConfig, VLMConfig
 from nanovlm_cli.data.sample import Batch
-from nanovlm_cli.memory.estimate import SampleShape, sample_shape, stand_in_image_token_id, synthetic_batch
+from nanovlm_cli.memory.estimate import SampleShape, sample_shape, synthetic_batch
 from nanovlm_cli.memory.measure import prepare_model
 from nanovlm_cli.models.vlm import chunked_cross_entropy, loss_targets
 from nanovlm_cli.presets import get_preset
@@ -173,7 +173,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     train_cfg = TrainConfig(compile=False)
     model, _ = prepare_model(cfg, train_cfg, device)
-    cfg = cfg.replace(image_token_id=stand_in_image_token_id(cfg))
     batch = batch.to(device)
     flops = count_flops(model, batch, loss_packed)
     useful = flops["total"] - flops["attention_counted"] + useful_attention_flops(cfg, batch, n_views)

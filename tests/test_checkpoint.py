@@ -111,3 +111,32 @@ def test_upstream_unknown_key_is_refused(tmp_path):
     save_file({k: v.clone().contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
     with pytest.raises(CheckpointError, match="decoder.blocks.0.attn.mystery.weight"):
         load_model(directory)
+
+
+def test_a_run_directory_loads_its_final_checkpoint_else_its_newest_step(tmp_path):
+    first, second = tiny_model(seed=1), tiny_model(seed=2)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "run_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="training run without a saved checkpoint yet"):
+        load_model(run)
+    save_model(first.model, run / "checkpoints" / "step-000010", tokenizer=first.tokenizer)
+    save_model(second.model, run / "checkpoints" / "step-000200", tokenizer=second.tokenizer)
+    assert load_model(run).directory == run / "checkpoints" / "step-000200"
+    save_model(first.model, run / "final", tokenizer=first.tokenizer)
+    loaded = load_model(run)
+    assert loaded.directory == run / "final"
+    assert torch.equal(loaded.model.language.norm.weight, first.model.language.norm.weight)
+    assert ckpt_io.read_model_config(run) == first.cfg
+
+
+def test_a_directory_that_is_no_checkpoint_names_the_missing_config(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json is missing from"):
+        load_model(tmp_path)
+
+
+def test_a_preset_config_carries_the_image_token_id_its_tokenizer_gives():
+    """Presets build without a tokenizer (memory estimates): the id they carry is the one creation fixes."""
+    preset = tiny_config()
+    assert preset.image_token_id == preset.language.vocab_size
+    assert build_model(preset, load_backbones=False).cfg.image_token_id == preset.image_token_id

@@ -9,13 +9,17 @@ fixed input stored beside it; a change of the format (a renamed key, a new confi
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanovlm_cli.checkpoint.io import load_model
+from nanovlm_cli.checkpoint.io import FORMAT_VERSION, load_model, read_model_config, save_model
+from nanovlm_cli.errors import CheckpointError
+from nanovlm_cli.validation import validate_checkpoint
+from tests.helpers import tiny_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VERSIONS = sorted(p.name for p in FIXTURES.glob("checkpoint_v*") if (p / "expected.safetensors").is_file())
@@ -72,3 +76,59 @@ def test_negative_control_one_changed_weight_changes_the_logits():
     weight[0, 0] += 1e-4
     logits = loaded.model.logits(loaded.model(expected["input_ids"], list(expected["pixel_values"])))[0]
     assert not torch.equal(logits, expected["logits"])
+
+
+def _copy(version: str, tmp_path: Path) -> Path:
+    target = tmp_path / version
+    shutil.copytree(FIXTURES / version, target)
+    return target
+
+
+def _edit_config(directory: Path, edit) -> None:
+    path = directory / "config.json"
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+
+
+def test_save_writes_the_current_format_version(tmp_path):
+    loaded = tiny_model()
+    directory = save_model(loaded.model, tmp_path / "ckpt", tokenizer=loaded.tokenizer)
+    assert json.loads((directory / "config.json").read_text())["format_version"] == FORMAT_VERSION == 1
+
+
+def test_a_newer_format_is_refused_in_one_line(tmp_path):
+    directory = _copy(VERSIONS[-1], tmp_path)
+    _edit_config(directory, lambda raw: raw.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(CheckpointError) as info:
+        load_model(directory)
+    assert str(info.value) == (f"checkpoint format {FORMAT_VERSION + 1} is newer than this nanovlm supports "
+                               f"({FORMAT_VERSION}); upgrade nanovlm")
+    report = validate_checkpoint(directory, generate=False)
+    assert not report.ok and "is newer than this nanovlm supports" in _check(report, "config").detail
+
+
+def test_a_format_version_that_is_not_a_number_is_named(tmp_path):
+    directory = _copy(VERSIONS[-1], tmp_path)
+    _edit_config(directory, lambda raw: raw.update(format_version="one"))
+    with pytest.raises(CheckpointError, match="format_version='one', not a whole number"):
+        load_model(directory)
+
+
+@torch.no_grad()
+def test_a_config_without_image_token_id_takes_it_from_its_own_tokenizer(tmp_path):
+    """Configs saved without the id (upstream's never had one) get it once, at load, from the checkpoint's tokenizer."""
+    directory = _copy(VERSIONS[0], tmp_path)
+    stored_id = json.loads((directory / "config.json").read_text())["model"]["image_token_id"]
+    _edit_config(directory, lambda raw: raw["model"].pop("image_token_id"))
+    loaded = load_model(directory)
+    assert loaded.cfg.image_token_id == stored_id == loaded.tokenizer.convert_tokens_to_ids("<|image|>")
+    assert read_model_config(directory).image_token_id == stored_id
+    expected = load_file(directory / "expected.safetensors")
+    logits = loaded.model.logits(loaded.model(expected["input_ids"], list(expected["pixel_values"])))[0]
+    assert torch.equal(logits, expected["logits"])
+    assert validate_checkpoint(directory, generate=False).ok
+
+
+def _check(report, name):
+    return next(c for c in report.checks if c.name == name)

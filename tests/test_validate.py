@@ -122,6 +122,17 @@ def test_inconsistent_config_is_reported(copy):
     assert _check(report, "tensors").skipped
 
 
+def test_an_image_token_id_the_tokenizer_does_not_give_is_one_clear_error(copy):
+    path = copy / "config.json"
+    raw = json.loads(path.read_text())
+    raw["model"]["image_token_id"] = 7
+    path.write_text(json.dumps(raw))
+    report = validate_checkpoint(copy, generate=False)
+    assert _failed(report) == {"tokenizer"}
+    detail = _check(report, "tokenizer").detail
+    assert "image_token_id=7" in detail and "maps <|image|> to id 512" in detail and "disagree" in detail
+
+
 def test_unrecorded_image_preprocessing_fails(copy):
     config = json.loads((copy / "config.json").read_text())
     del config["model"]["image"]["mean"], config["model"]["image"]["std"]

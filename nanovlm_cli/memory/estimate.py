@@ -77,7 +77,11 @@ def sample_shape(cfg: VLMConfig, seq_len: int, images_per_sample: int = 1) -> Sa
 def synthetic_batch(cfg: VLMConfig, shape: SampleShape, batch_size: int, *, seed: int = 0) -> Any:
     """A `Batch` of `batch_size` full rows: image tokens first, then text; every text position is supervised."""
     gen = torch.Generator().manual_seed(seed)
-    image_id = stand_in_image_token_id(cfg)
+    image_id = cfg.image_token_id  # presets and checkpoints fix it (see checkpoint.io.build_model)
+    if image_id is None or not 0 <= image_id < cfg.language.total_vocab_size:
+        raise ConfigError(f"image_token_id={image_id} is not a row of the model's {cfg.language.total_vocab_size}-row "
+                          "embedding; use a preset's or a checkpoint's config, or set image_token_id with the "
+                          "vocabulary it belongs to")
     t = shape.seq_len
     ids = torch.randint(0, cfg.language.vocab_size, (batch_size, t), generator=gen)
     ids[ids == image_id] = (image_id + 1) % cfg.language.vocab_size
@@ -89,11 +93,6 @@ def synthetic_batch(cfg: VLMConfig, shape: SampleShape, batch_size: int, *, seed
     views = [torch.randn(3, shape.view_height, shape.view_width, generator=gen)
              for _ in range(batch_size * shape.n_views)]
     return Batch(ids, labels, positions, segments, views, batch_size)
-
-
-def stand_in_image_token_id(cfg: VLMConfig) -> int:
-    # Checkpoints carry the id; for a bare preset the first extra row stands in (memory does not depend on it).
-    return cfg.image_token_id if cfg.image_token_id is not None else cfg.language.vocab_size
 
 
 # --- The memory model ----------------------------------------------------------------------------------------
@@ -148,7 +147,7 @@ class _Bytes:
 def _param_counts(cfg: VLMConfig) -> dict[str, tuple[int, int]]:
     """(parameter elements, buffer bytes) per part, counted on the meta device (no memory allocated)."""
     with torch.device("meta"):
-        model = VisionLanguageModel(cfg.replace(image_token_id=stand_in_image_token_id(cfg)))
+        model = VisionLanguageModel(cfg)
     out = {}
     for name in ("vision", "projector", "language"):
         module = getattr(model, name)

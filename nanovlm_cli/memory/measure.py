@@ -18,7 +18,7 @@ import psutil
 import torch
 
 from nanovlm_cli.config import TrainConfig, VLMConfig
-from nanovlm_cli.memory.estimate import SampleShape, stand_in_image_token_id, synthetic_batch
+from nanovlm_cli.memory.estimate import SampleShape, synthetic_batch
 from nanovlm_cli.models.vlm import VisionLanguageModel, compile_blocks
 from nanovlm_cli.training.optim import apply_freezing, build_optimizer
 
@@ -45,7 +45,7 @@ class StepMeasurement:
 
 def prepare_model(cfg: VLMConfig, train: TrainConfig, device: torch.device) -> tuple[VisionLanguageModel, Any]:
     """A randomly initialised model set up as training sets it up (freezing, checkpointing, compile) + AdamW."""
-    model = VisionLanguageModel(cfg.replace(image_token_id=stand_in_image_token_id(cfg))).to(device).train()
+    model = VisionLanguageModel(cfg).to(device).train()  # a preset's or a checkpoint's config carries its image token id
     apply_freezing(model, train)
     model.vision.gradient_checkpointing = model.language.gradient_checkpointing = train.gradient_checkpointing
     if train.compile:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from nanovlm_cli.config import TrainConfig, VLMConfig
-from nanovlm_cli.memory.estimate import MemoryEstimate, stand_in_image_token_id
+from nanovlm_cli.memory.estimate import MemoryEstimate
 from nanovlm_cli.models.vlm import VisionLanguageModel
 
 
@@ -45,7 +45,7 @@ def _chunk(p: torch.Tensor, world_size: int) -> int:
 def sharded_bytes(cfg: VLMConfig, train: TrainConfig, world_size: int) -> ShardedBytes:
     """Rank 0's resident shards for `cfg` trained with `train`'s freezing over `world_size` FSDP ranks."""
     with torch.device("meta"):
-        model = VisionLanguageModel(cfg.replace(image_token_id=stand_in_image_token_id(cfg)))
+        model = VisionLanguageModel(cfg)
     frozen = {"vision": train.freeze_vision_encoder, "projector": train.freeze_projector,
               "language": train.freeze_language_model}
     trainable = {id(p) for name, is_frozen in frozen.items() if not is_frozen
