@@ -84,10 +84,14 @@ LANGUAGE_MODELS: dict[str, LanguageConfig] = {
 
 
 def _with_extra_vocab(model: VLMConfig) -> VLMConfig:
-    """Size the extra embedding rows to exactly the extra tokens of this model's image processing."""
+    """Size the extra embedding rows to exactly the extra tokens of this model's image processing, and fix the image
+    token id a tokenizer of `vocab_size` tokens gives it: the extra tokens are appended after the vocabulary, in order
+    (`data.tokenizer.add_extra_tokens`). So a preset's model is buildable from its config alone (memory estimates);
+    the tokenizer a model is created with has the last word (`checkpoint.io.build_model`)."""
     n_extra = len(model.extra_tokens)
     language = model.language.replace(extra_vocab_size=n_extra)
-    return VLMConfig.from_dict({**model.to_dict(), "language": language.to_dict()})
+    image_token_id = language.vocab_size + model.extra_tokens.index(model.image_token)
+    return VLMConfig.from_dict({**model.to_dict(), "language": language.to_dict(), "image_token_id": image_token_id})
 
 
 def _vlm(**kwargs) -> VLMConfig:
