@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from nanovlm_cli.cli.app import get_command
 from nanovlm_cli.cli.manpage import man_page
 from nanovlm_cli.cli.reference import HEADER, ParamDoc, describe
 
@@ -189,8 +190,6 @@ def fish_completion(group: Any) -> str:
 def generate_all(group: Any | None = None) -> dict[str, str]:
     """Relative path -> content of every generated file (see OUTPUTS), from the app unless `group` is given."""
     if group is None:
-        from nanovlm_cli.cli.app import get_command
-
         group = get_command()
     rendered = {
         "completions/nanovlm.bash": bash_completion(group),

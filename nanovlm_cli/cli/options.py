@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click.exceptions import UsageError  # type: ignore[no-redef]
 
 from nanovlm_cli.cli.config_options import field_option
+from nanovlm_cli.cli.help import render_help
 from nanovlm_cli.presets import DINOV3_ALIASES, DINOV3_MODELS, LANGUAGE_MODELS, PRESETS
 from nanovlm_cli.train_config import MEMORY, TrainConfig
 
@@ -235,8 +236,6 @@ class NanoCommand(TyperCommand):
         return super().parse_args(ctx, self.translate(ctx, args))
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        from nanovlm_cli.cli.help import render_help
-
         formatter.write(render_help(self, ctx))
 
     def translate(self, ctx: Any, args: list[str]) -> list[str]:
@@ -363,8 +362,6 @@ class NanoGroup(TyperGroup):
     """The `nanovlm` group: its help is rendered like every command's (`cli/help.py`)."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        from nanovlm_cli.cli.help import render_help
-
         formatter.write(render_help(self, ctx))
 
 
