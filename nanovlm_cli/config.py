@@ -239,9 +239,12 @@ class VLMConfig(_Config):
     """The whole model: vision encoder -> projector -> decoder, the image processing and the chat template.
 
     `chat_template` "jinja" renders `jinja_template` (a checkpoint's own Jinja source, e.g. SmolVLM's), whose assistant
-    turns end with `end_of_turn`; `fake_image_token` wraps image-token runs in the "idefics3" image layout.
+    turns end with `end_of_turn`; `fake_image_token` wraps image-token runs in the "idefics3" image layout. `hub_id`
+    names pretrained weights of the whole model (a Hub id or directory of a VLM checkpoint, e.g. SmolVLM's): a new
+    model starts from them, with their architecture, instead of from the backbones' `hub_id`s.
     """
 
+    hub_id: str | None = None
     vision: VisionConfig = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)

@@ -121,6 +121,50 @@ def _tiny_model() -> VLMConfig:
     )
 
 
+# --- SmolVLM (transformers' Idefics3/SmolVLM checkpoints), fine-tuned from the published weights ---
+# The architecture values below are the published ones, for --dry-run and vram; loading reads the checkpoint's own
+# config.json, image-processor settings and chat template (checkpoint.idefics3), which win. The 2B models
+# (SmolVLM-Instruct, SmolVLM2-2.2B) are not here: their 384 px tiles are not a whole number of 14 px patches
+# (transformers drops the last 6 px), which our encoder refuses.
+
+SMOLVLM_CHAT_TEMPLATE = (  # SmolVLM-Instruct's, as its processor ships it
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] =="
+    " 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' "
+    "%}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+_SIGLIP_B16_512 = VisionConfig(kind="siglip", image_size=512, patch_size=16)
+_SMOLLM2_135M = LanguageConfig(vocab_size=49280, tie_embeddings=False)
+_SMOLLM2_360M = LanguageConfig(vocab_size=49280, hidden_dim=960, intermediate_dim=2560, n_layers=32, n_heads=15,
+                               n_kv_heads=5, tie_embeddings=False)
+
+
+def _smolvlm(hub_id: str, vision: VisionConfig, language: LanguageConfig, factor: int, longest_edge: int) -> VLMConfig:
+    """A SmolVLM checkpoint as our config: the Idefics3 image layout and chat template, its whole vocabulary."""
+    return VLMConfig(
+        hub_id=hub_id, vision=vision, language=language.replace(tokenizer=hub_id),
+        projector=ProjectorConfig(pixel_shuffle_factor=factor),
+        image=ImageConfig(mode="idefics3", tile_size=vision.image_size, max_side=longest_edge,
+                          max_grid=longest_edge // vision.image_size, resample="lanczos"),
+        chat_template="jinja", jinja_template=SMOLVLM_CHAT_TEMPLATE, end_of_turn="<end_of_utterance>",
+        image_token="<image>", global_image_token="<global-img>", image_token_id=49190,  # <image> in their vocabulary
+    )
+
+
+def _smolvlm_train() -> TrainConfig:
+    # a fine-tune of a trained model: small learning rates for all parts, the projector's too
+    return TrainConfig(dataset="HuggingFaceM4/the_cauldron", dataset_config="vqav2", max_seq_len=2048, batch_size=4,
+                       gradient_accumulation_steps=4, max_steps=2000, lr_mp=1e-5, lr_vision=1e-5, lr_language=2e-5)
+
+
+_SMOLVLM_PRESETS = {
+    "smolvlm-256m": ("HuggingFaceTB/SmolVLM-256M-Instruct", _SIGLIP_B16_512, _SMOLLM2_135M, 4, 2048),
+    "smolvlm-500m": ("HuggingFaceTB/SmolVLM-500M-Instruct", _SIGLIP_B16_512, _SMOLLM2_360M, 4, 2048),
+    "smolvlm2-256m": ("HuggingFaceTB/SmolVLM2-256M-Video-Instruct", _SIGLIP_B16_512, _SMOLLM2_135M, 4, 2048),
+    "smolvlm2-500m": ("HuggingFaceTB/SmolVLM2-500M-Video-Instruct", _SIGLIP_B16_512, _SMOLLM2_360M, 4, 2048),
+}
+
+
 PRESETS: dict[str, Preset] = {
     "default": Preset(
         "default",
@@ -185,6 +229,12 @@ PRESETS: dict[str, Preset] = {
                     eval_size=200, num_workers=2),
     ),
 }
+PRESETS.update({
+    name: Preset(name, f"fine-tune {hub_id} (transformers' {'SmolVLM' if '2' in name else 'Idefics3'} format) from "
+                 "its published weights, its own image layout and chat template", _smolvlm(hub_id, *rest),
+                 _smolvlm_train())
+    for name, (hub_id, *rest) in _SMOLVLM_PRESETS.items()
+})
 
 
 def get_preset(name: str) -> Preset:
@@ -204,8 +254,14 @@ def with_backbones(
     """Swap the vision encoder and/or language model of `model`, keeping its projector.
 
     Image processing follows the encoder: DINOv3 gets aspect-preserving resize with ImageNet statistics,
-    DINOv2 a fixed 224px resize, SigLIP keeps the preset's processing when it already is SigLIP.
+    DINOv2 a fixed 224px resize, SigLIP keeps the preset's processing when it already is SigLIP. A model that starts
+    from whole pretrained weights (`model.hub_id`, the SmolVLM presets) keeps its backbones.
     """
+    if model.hub_id is not None:
+        if vision_encoder or dinov3_model or language_model:
+            raise ConfigError(f"this preset fine-tunes the whole checkpoint {model.hub_id}, whose backbones cannot be "
+                              "swapped; drop --vision-encoder/--dinov3-model/--language-model or pick another preset")
+        return model
     vision, image = model.vision, model.image
     if dinov3_model is not None and vision_encoder is None:
         vision_encoder = "dinov3"

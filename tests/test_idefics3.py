@@ -27,23 +27,23 @@ from transformers import (
 from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector, Idefics3VisionEmbeddings
 from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE as SMOLVLM2_TEMPLATE
 
+from nanovlm_cli.checkpoint.files import check_and_copy, read_json, read_safetensors
 from nanovlm_cli.checkpoint.idefics3 import (
     config_from_idefics3,
     full_tile_position_ids,
     idefics3_to_ours,
     key_table,
     ours_to_idefics3,
+    read_idefics3_config,
 )
-from nanovlm_cli.checkpoint.files import check_and_copy, read_json, read_safetensors
-from nanovlm_cli.checkpoint.idefics3 import read_idefics3_config
 from nanovlm_cli.checkpoint.io import LoadedModel
-from nanovlm_cli.data.tokenizer import load_tokenizer
-from nanovlm_cli.models.vlm import VisionLanguageModel
 from nanovlm_cli.data.processor import IGNORE_INDEX, Processor
 from nanovlm_cli.data.sample import Record
+from nanovlm_cli.data.tokenizer import load_tokenizer
 from nanovlm_cli.errors import CheckpointError
 from nanovlm_cli.generation import Engine, SamplingConfig
 from nanovlm_cli.models.projector import pixel_shuffle
+from nanovlm_cli.models.vlm import VisionLanguageModel
 
 TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "nanovlm_cli" / "assets" / "tiny_tokenizer"
 # SmolVLM-256M/500M-Instruct's chat template (Idefics3); the SmolVLM2 family's is transformers' default above
@@ -74,12 +74,12 @@ def _tokenizer():
     return tok
 
 
-def _hf_config(kind: str, vocab: int, image_token_id: int, split: bool = True):
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=TILE,
-                  patch_size=8)
-    text = dict(model_type="llama", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
-                rope_theta=10000.0)
+def _hf_config(kind: str, vocab: int, image_token_id: int):
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "image_size": TILE, "patch_size": 8}
+    text = {"model_type": "llama", "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
     cls = Idefics3Config if kind == "idefics3" else SmolVLMConfig
     # SmolVLM tied, Idefics3 untied: both head layouts are covered
     return cls(vision_config=vision, text_config=text, scale_factor=2, image_token_id=image_token_id,
@@ -88,8 +88,8 @@ def _hf_config(kind: str, vocab: int, image_token_id: int, split: bool = True):
 
 def _save_checkpoint(kind: str, directory: Path, split: bool = True) -> Path:
     tok = _tokenizer()
-    image_kwargs = dict(size={"longest_edge": LONGEST}, max_image_size={"longest_edge": TILE}, resample=1,
-                        image_mean=[0.5] * 3, image_std=[0.5] * 3, do_image_splitting=split)
+    image_kwargs = {"size": {"longest_edge": LONGEST}, "max_image_size": {"longest_edge": TILE}, "resample": 1,
+                    "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "do_image_splitting": split}
     if kind == "idefics3":
         processor = Idefics3Processor(Idefics3ImageProcessor(**image_kwargs), tok, image_seq_len=4,
                                       chat_template=SMOLVLM_TEMPLATE)
@@ -158,7 +158,7 @@ def test_processing_matches_transformers_processor(checkpoint, split, tmp_path):
     assert loaded.cfg.image.split is split
     ours = Processor(loaded.cfg, loaded.tokenizer)
     worst = 0.0
-    for name, size in SIZES.items():
+    for size in SIZES.values():
         worst = max(worst, _compare_processing(ours, theirs, [_image(*size)]))
     worst = max(worst, _compare_processing(ours, theirs, [_image(64, 64, 1), _image(300, 100, 2), _image(5, 7, 3)]))
     print(f"{kind} split={split}: max |pixel difference| {worst:.3g}")
@@ -224,7 +224,7 @@ def test_greedy_generation_matches_transformers_generate(checkpoint):
 
 
 def test_key_table_round_trips_exactly_and_is_strict(checkpoint):
-    kind, directory, hf_model, _, loaded = checkpoint
+    _kind, _directory, hf_model, _, loaded = checkpoint
     theirs = {k: v for k, v in hf_model.state_dict().items()
               if not (loaded.cfg.language.tie_embeddings and k == "lm_head.weight")}
     ours = idefics3_to_ours(theirs, loaded.cfg)
@@ -254,7 +254,7 @@ def test_pixel_shuffle_is_idefics3_connector_pixel_shuffle(factor):
 @pytest.mark.parametrize("grid", [4, 19, 27, 32])
 def test_full_tile_position_ids_are_idefics3_vision_embeddings(grid):
     """Read the ids transformers uses: position row i holds the value i, patch embeddings are zero."""
-    config = Idefics3Config(vision_config=dict(hidden_size=1, image_size=grid * 2, patch_size=2)).vision_config
+    config = Idefics3Config(vision_config={"hidden_size": 1, "image_size": grid * 2, "patch_size": 2}).vision_config
     embeddings = Idefics3VisionEmbeddings(config)
     with torch.no_grad():
         embeddings.patch_embedding.weight.zero_()

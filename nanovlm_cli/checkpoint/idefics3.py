@@ -177,6 +177,10 @@ def config_from_idefics3(config: Mapping[str, Any], *, image_processor: Mapping[
     if model_type not in MODEL_TYPES:
         raise CheckpointError(f"model_type {model_type!r} is not idefics3 or smolvlm")
     vision_raw = {**_VISION_DEFAULTS, **dict(config.get("vision_config") or {})}
+    if int(vision_raw["image_size"]) % int(vision_raw["patch_size"]):
+        raise CheckpointError(f"vision image_size {vision_raw['image_size']} is not a multiple of patch_size "
+                              f"{vision_raw['patch_size']} (transformers drops the remainder, e.g. SmolVLM-Instruct's "
+                              "384 px tiles of 14 px patches); such checkpoints are not supported")
     vision = vision_config_from_hf({**vision_raw, "model_type": "siglip_vision_model"})
     text_raw = dict(config.get("text_config") or {})
     if not text_raw:
