@@ -26,7 +26,11 @@ VERSIONS = sorted(p.name for p in FIXTURES.glob("checkpoint_v*") if (p / "expect
 
 
 def test_every_format_has_a_fixture():
-    assert VERSIONS == ["checkpoint_v0"]
+    assert VERSIONS == ["checkpoint_v0", "checkpoint_v1"]
+    assert f"checkpoint_v{FORMAT_VERSION}" == VERSIONS[-1]  # a new format adds its fixture
+    for version in VERSIONS:
+        raw = json.loads((FIXTURES / version / "config.json").read_text())
+        assert raw.get("format_version", 0) == int(version.removeprefix("checkpoint_v"))
 
 
 @pytest.mark.parametrize("version", VERSIONS)
