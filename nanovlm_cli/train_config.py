@@ -3,7 +3,9 @@
 Each field is declared once, with its one description (`option`): the help of its `nanovlm train` flag, the group
 it belongs to (the help panel it is listed under), and the bounds the flag checks. The command line, its help, the
 man page and the shell completions are all built from these (`cli/config_options.py`), so adding a training flag
-is adding one field here; its flag is `--field-name` (`--x/--no-x` for a boolean) unless `flag=` says otherwise.
+is adding one field here; its flag is `--field-name` (`--x/--no-x` for a boolean) unless `flag=` says otherwise,
+and a new group is one more title in `GROUPS`. Then `python scripts/gen_docs.py` regenerates the man page and
+the completions (a test fails until it has).
 
 The fields are declared by group, in the order the help lists them, and the config stays flat (`cfg.lr_mp`): config
 files and saved `run_config.json` files are tables of these field names. Kept apart from the model configs
