@@ -21,8 +21,9 @@ Fixed-size views are resized bilinearly (torchvision's `Resize` default), tiles 
 The tied embedding is stored once: safetensors' `save_model` keeps `decoder.head.weight` and drops
 `decoder.token_embedding.weight`; either name (or both, if equal) loads. Embedding rows for extra tokens upstream
 did not have are appended as zeros; they only ever hold image placeholders, whose embeddings are replaced, and
-generation never samples them. Not reproduced: upstream's "dynamic" RoPE rescaling for positions beyond
-`lm_max_position_embeddings` (we refuse such prompts instead).
+generation never samples them. Upstream configs record no image token id: `config_from_upstream` leaves it unset and
+loading takes it, once, from the checkpoint's tokenizer (`checkpoint.io.complete_config`). Not reproduced: upstream's
+"dynamic" RoPE rescaling for positions beyond `lm_max_position_embeddings` (we refuse such prompts instead).
 """
 
 from __future__ import annotations
