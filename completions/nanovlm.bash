@@ -13,7 +13,7 @@ _nanovlm() {
     case "$cmd" in
         train)
             case "$prev" in
-                --preset) COMPREPLY=($(compgen -W "default original_small dinov3_gemma dinov2_smollm tiny" -- "$cur")); return 0 ;;
+                --preset) COMPREPLY=($(compgen -W "default original_small dinov3_gemma dinov2_smollm tiny smolvlm-256m smolvlm-500m smolvlm2-256m smolvlm2-500m" -- "$cur")); return 0 ;;
                 --vision-encoder) COMPREPLY=($(compgen -W "siglip dinov2 dinov3" -- "$cur")); return 0 ;;
                 --dinov3-model) COMPREPLY=($(compgen -W "vits16 vits16plus vitb16 vitl16 vitl14" -- "$cur")); return 0 ;;
                 --language-model) COMPREPLY=($(compgen -W "smollm llama gemma" -- "$cur")); return 0 ;;
@@ -39,7 +39,7 @@ _nanovlm() {
             opts="--benchmark -b --limit --batch-size --split --output -o --compare --backend --scoring --tasks --device --compile --json --help -h" ;;
         vram)
             case "$prev" in
-                --preset) COMPREPLY=($(compgen -W "default original_small dinov3_gemma dinov2_smollm tiny" -- "$cur")); return 0 ;;
+                --preset) COMPREPLY=($(compgen -W "default original_small dinov3_gemma dinov2_smollm tiny smolvlm-256m smolvlm-500m smolvlm2-256m smolvlm2-500m" -- "$cur")); return 0 ;;
                 --plot) COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
                 --batch-sizes|--checkpoint|-c|--seq-len|--images-per-sample|--max-batch-size-for|--device) COMPREPLY=(); return 0 ;;
             esac

@@ -30,7 +30,8 @@ def _italic(text: str) -> str:
 
 def _option_entry(p: ParamDoc) -> list[str]:
     names = ", ".join(_bold(n) for n in (*p.names, *p.negations))
-    head = names + (f" {_italic(p.metavar)}" if p.metavar else "")
+    # a long choice list ({a,b,...}) may break after its commas (\: is a zero-width break point)
+    head = names + (f" {_italic(p.metavar).replace(',', ',' + chr(92) + ':')}" if p.metavar else "")
     body = p.help or ""
     if p.multiple:
         body += " Repeatable."
