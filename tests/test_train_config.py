@@ -111,3 +111,9 @@ def test_flat_config_file_still_loads():
     assert (train.freeze_vision_encoder, train.packing, train.output_dir, train.seed) == (True, False, "somewhere", 11)
     assert train.shapes_turns == tiny.shapes_turns  # not in the file: the preset's value
     assert model.chat_template == "plain"
+
+
+def test_no_two_train_options_share_a_name():
+    """A field whose flag is one of the command's own (or another field's) would silently shadow it."""
+    names = [n for p in app_module.get_command().commands["train"].params for n in (*p.opts, *p.secondary_opts)]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
