@@ -14,6 +14,11 @@ bit-exactly, so a change of the format is caught by a test, not discovered by us
 code of its format, and then never rewritten: checkpoint_v0 was written by the code before config.json had a format
 version, checkpoint_v1 by the first code that wrote `"format_version": 1`.
 
+When the format changes (`checkpoint.io.FORMAT_VERSION` bumped, the loader still reading every older format), run
+this script once from the new code to write tests/fixtures/checkpoint_vN and add it to the list in
+`test_every_format_has_a_fixture`. Make it from committed code (e.g. `git archive HEAD` into a temporary directory,
+put first on sys.path), so the git commit recorded in reference.json is the code that wrote it.
+
 Usage:
     python scripts/make_checkpoint_fixtures.py tests/fixtures/checkpoint_v1
 """
