@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nanovlm_cli.config import check_device_name
-from nanovlm_cli.errors import ConfigError
+from nanovlm_cli.devices import resolve_device  # the one device rule (also re-exported from here)
 
 
 @dataclass(frozen=True)
@@ -29,41 +28,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def _mps_available() -> bool:
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """The torch device `name` asks for, checked against this machine (every command chooses its device here).
-
-    "auto" picks CUDA (this process's local GPU), then MPS, then the CPU; "cuda" means this process's local GPU.
-    A spelling that is not a device, or a device this machine lacks, is a `ConfigError` saying which ones exist.
-    """
-    check_device_name(name)
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if _mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "mps":
-        if not _mps_available():
-            raise ConfigError("device 'mps' (Apple GPU) is not available on this machine; use --device cpu or auto")
-        return torch.device("mps")
-    if not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        raise ConfigError(f"device {name!r}: no CUDA GPU is visible to PyTorch {torch.__version__} ({build}); "
-                          "use --device cpu or auto")
-    index = int(name.partition(":")[2] or local_rank)
-    count = torch.cuda.device_count()
-    if index >= count:
-        raise ConfigError(f"device {name!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}; "
-                          "pick one of those")
-    return torch.device("cuda", index)
 
 
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:

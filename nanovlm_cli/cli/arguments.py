@@ -3,7 +3,7 @@
 A mistake in an argument must cost a second, not a whole run whose results are then thrown away: each command
 calls these first. A value that cannot mean anything (`--device banana`, `--output` naming a file) is a usage
 error: `typer.BadParameter`, one line naming the option and exit code 2. Whether this machine has the device is
-checked later, by `distributed.resolve_device` (exit 1: the command line was fine, the machine lacks it).
+checked later, by `devices.resolve_device` (exit 1: the command line was fine, the machine lacks it).
 Nothing here imports torch.
 """
 
