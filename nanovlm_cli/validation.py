@@ -335,7 +335,7 @@ class _Validator:
     def generation(self) -> str:
         from nanovlm_cli.data.processor import Processor
         from nanovlm_cli.data.shapes import mmstar_prompt, shapes_mmstar_rows
-        from nanovlm_cli.distributed import resolve_device
+        from nanovlm_cli.devices import resolve_device
         from nanovlm_cli.generation import Engine, SamplingConfig, user_message
 
         loaded = load_model(self._directory, device=resolve_device(self.device))
@@ -361,7 +361,7 @@ def validate_checkpoint(source: str | Path, *, generate: bool = True, device: st
     A `device` this machine lacks is a `ConfigError` before any check (it is not the checkpoint's fault).
     """
     if generate:
-        from nanovlm_cli.distributed import resolve_device
+        from nanovlm_cli.devices import resolve_device
 
         resolve_device(device)
     v = _Validator(str(source), device)
