@@ -15,6 +15,7 @@ from nanovlm_cli.data.loader import TrainLoader, validation_batches
 from nanovlm_cli.data.processor import Processor
 from nanovlm_cli.data.sample import Batch
 from nanovlm_cli.data.skips import SkipCounter
+from nanovlm_cli.data.tokenizer import resolve_pad_id
 from nanovlm_cli.distributed import DistInfo
 from nanovlm_cli.training.datasets import FinalEval, TrainingDataset, training_dataset
 
@@ -34,7 +35,7 @@ def build_training_data(model_cfg: VLMConfig, cfg: TrainConfig, tokenizer: Any, 
     dataset = dataset if dataset is not None else training_dataset(cfg)
     skips = SkipCounter()
     processor = Processor(model_cfg, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = resolve_pad_id(tokenizer)
     loader = TrainLoader(
         dataset.train_source(skips), processor.encode, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len,
         max_images_per_row=cfg.max_images_per_row, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
