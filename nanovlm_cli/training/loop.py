@@ -39,7 +39,7 @@ from nanovlm_cli.data.sample import Batch
 from nanovlm_cli.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from nanovlm_cli.errors import TrainingError
 from nanovlm_cli.hub import push_checkpoint
-from nanovlm_cli.models.vlm import VisionLanguageModel, compile_blocks, loss_targets
+from nanovlm_cli.models.vlm import VisionLanguageModel, compile_blocks, eval_mode, loss_targets
 from nanovlm_cli.training import state as st
 from nanovlm_cli.training.data import TrainingData, build_training_data
 from nanovlm_cli.training.metrics import (
@@ -74,15 +74,13 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 def validation_loss(model: torch.nn.Module, batches: list, device: torch.device, info: DistInfo) -> float | None:
     if not batches and not info.enabled:
         return None
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for batch in batches:
-        with _autocast(device):
-            out = model.loss(batch.to(device))
-        total += float(out.loss_sum)
-        count += out.n_tokens
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in batches:
+            with _autocast(device):
+                out = model.loss(batch.to(device))
+            total += float(out.loss_sum)
+            count += out.n_tokens
     total, count = all_reduce_sum(total, info, device), all_reduce_sum(count, info, device)
     return total / count if count else None
 
