@@ -25,9 +25,10 @@ from nanovlm_cli.config_base import DEVICE_NAMES, _Config, _require, is_device_n
 DATA = "Data"
 OPTIMISATION = "Optimisation"
 MEMORY = "Freezing and memory"
+LORA = "LoRA adapters"
 LOGGING = "Checkpoints, evaluation and logging"
 RUN = "Run"
-GROUPS = (DATA, OPTIMISATION, MEMORY, LOGGING, RUN)
+GROUPS = (DATA, OPTIMISATION, MEMORY, LORA, LOGGING, RUN)
 
 
 def option(default: Any = MISSING, *, help: str, group: str, min: float | None = None, max: float | None = None,
@@ -97,6 +98,17 @@ class TrainConfig(_Config):
     freeze_projector: bool = option(False, group=MEMORY, help="Do not train the projector.")
     freeze_language_model: bool = option(False, group=MEMORY, help="Do not train the language model.")
 
+    # --- LoRA adapters (models/lora.py) ---------------------------------------------------------------------------
+    lora_r: int = option(0, group=LORA, min=0, help="Rank of LoRA adapters (e.g. 16); the base weights are frozen. "
+                                                    "0: no adapters, the parts not frozen train fully.")
+    lora_alpha: float = option(32.0, group=LORA, min=0.0, help="LoRA scale: the update is (alpha / r) * B @ A.")
+    lora_dropout: float = option(0.0, group=LORA, min=0.0, max=0.99, help="Dropout on the adapters' input.")
+    lora_targets: str = option("language", group=LORA, metavar="PATTERNS",
+                               help="Comma-separated glob patterns over module names (e.g. "
+                                    "'language.blocks.*.attn.*_proj'), or language, vision, projector.")
+    lora_train_projector: bool = option(True, group=LORA,
+                                        help="Train the projector fully alongside the adapters.")
+
     # --- checkpoints, evaluation and logging ---------------------------------------------------------------------
     output_dir: str = option("runs", group=LOGGING, metavar="DIR", path=True,
                              help="Where runs and checkpoints are written.")
@@ -149,3 +161,18 @@ class TrainConfig(_Config):
                      "the run outside the output directory); use a name like 'my-run' and --output-dir for the place")
         _require(not (self.freeze_vision_encoder and self.freeze_projector and self.freeze_language_model),
                  "every part of the model is frozen; unfreeze at least one of vision, projector, language")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        _require(self.lora_r >= 0, f"train.lora_r={self.lora_r} must be >= 0 (0: no adapters)")
+        if not self.lora_r:
+            return
+        _require(self.lora_alpha > 0 and math.isfinite(self.lora_alpha),
+                 f"train.lora_alpha={self.lora_alpha} must be a positive number")
+        _require(0 <= self.lora_dropout < 1, f"train.lora_dropout={self.lora_dropout} must be in [0, 1)")
+        _require(any(t.strip() for t in self.lora_targets.split(",")),
+                 f"train.lora_targets={self.lora_targets!r} names no module; use e.g. language,vision")
+        frozen = [f for f in ("freeze_vision_encoder", "freeze_projector", "freeze_language_model") if getattr(self, f)]
+        _require(not frozen, f"train.{frozen[0] if frozen else ''} does not combine with LoRA (lora_r="
+                             f"{self.lora_r}), which freezes every base weight itself; choose what trains with "
+                             "--lora-targets and --lora-train-projector/--no-lora-train-projector")

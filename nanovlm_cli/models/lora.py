@@ -20,7 +20,7 @@ whose qualified names match glob patterns; the names of the adapted modules are 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanovlm_cli.config import VLMConfig
 from nanovlm_cli.config_base import _Config, _require
 from nanovlm_cli.errors import ConfigError
+from nanovlm_cli.train_config import TrainConfig
 
 # What `--lora-targets` aliases expand to: attention and MLP projections of a part (the projector's single linear).
 TARGET_ALIASES: dict[str, tuple[str, ...]] = {
@@ -71,6 +73,15 @@ class LoRAConfig(_Config):
     def patterns(self) -> tuple[str, ...]:
         """The targets with aliases expanded."""
         return tuple(p for t in self.targets for p in TARGET_ALIASES.get(t.strip(), (t.strip(),)))
+
+
+def lora_config(train: TrainConfig) -> LoRAConfig | None:
+    """The adapters a training config asks for (`--lora-r` and friends), None for full fine-tuning."""
+    if not train.lora_r:
+        return None
+    targets = tuple(t.strip() for t in train.lora_targets.split(",") if t.strip())
+    return LoRAConfig(r=train.lora_r, alpha=train.lora_alpha, dropout=train.lora_dropout, targets=targets,
+                      train_projector=train.lora_train_projector)
 
 
 class LoRALinear(nn.Linear):
@@ -176,6 +187,22 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     return names
 
 
+def prepare_lora(model: nn.Module, cfg: LoRAConfig | None) -> bool:
+    """Choose the trainable parameters of a LoRA run: a model that already has adapters (a resumed LoRA
+    checkpoint) keeps them and only the trainable flags are set; otherwise `apply_lora`. With `cfg` None (full
+    fine-tuning) returns False for the caller to freeze what it freezes, and refuses a model with adapters."""
+    if cfg is None:
+        if has_lora(model):
+            raise ConfigError("this checkpoint has LoRA adapters, so it trains with them: resume it with its own "
+                              "--lora-r, or merge them first (nanovlm export) to fine-tune the merged model fully")
+        return False
+    if has_lora(model):
+        mark_trainable(model, cfg.train_projector)
+    else:
+        apply_lora(model, cfg)
+    return True
+
+
 def mark_trainable(model: nn.Module, train_projector: bool) -> None:
     """requires_grad only on the adapters (and the projector's parameters when `train_projector`)."""
     for p in model.parameters():
@@ -187,6 +214,19 @@ def mark_trainable(model: nn.Module, train_projector: bool) -> None:
     if train_projector and projector is not None:
         for p in projector.parameters():
             p.requires_grad_(True)
+
+
+def base_description(cfg: VLMConfig, saved_lora: Mapping[str, Any] | None = None) -> str | None:
+    """What a LoRA run's adapters apply to, as its checkpoints name it (config.json's lora.base): the base a
+    resumed checkpoint already names, else the model's pretrained weights (whole model, or the backbones); None for
+    a model initialised at random. Informative only: the base weights themselves are in the checkpoint."""
+    if saved_lora is not None:
+        return saved_lora.get("base")
+    if getattr(cfg, "hub_id", None):
+        return str(cfg.hub_id)  # type: ignore[attr-defined]
+    parts = [f"{name}: {sub.hub_id}" for name, sub in (("vision", cfg.vision), ("language", cfg.language))
+             if sub.hub_id]
+    return ", ".join(parts) or None
 
 
 def lora_spec(model: nn.Module) -> dict[str, Any] | None:

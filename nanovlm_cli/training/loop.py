@@ -33,12 +33,13 @@ from typing import Any
 
 import torch
 
-from nanovlm_cli.checkpoint.io import build_model, load_model, save_model
+from nanovlm_cli.checkpoint.io import build_model, load_model, read_checkpoint_config, save_model
 from nanovlm_cli.config import TrainConfig, VLMConfig
 from nanovlm_cli.data.sample import Batch
 from nanovlm_cli.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from nanovlm_cli.errors import TrainingError
 from nanovlm_cli.hub import push_checkpoint
+from nanovlm_cli.models.lora import base_description, lora_config, prepare_lora
 from nanovlm_cli.models.vlm import VisionLanguageModel, compile_blocks, eval_mode, loss_targets
 from nanovlm_cli.training import state as st
 from nanovlm_cli.training.data import TrainingData, build_training_data
@@ -128,6 +129,7 @@ class TrainingRecipe:
     data: TrainingData
     n_trainable: int
     n_frozen: int
+    lora_base: str | None  # what the adapters of a LoRA run apply to (see models.lora.base_description)
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, device: torch.device, stop: StopFlag,
                  callback: TrainCallback) -> None:
@@ -192,6 +194,8 @@ class TrainingRecipe:
         else:
             loaded = build_model(model_cfg, load_backbones=True, device=self.device)
         self.model_cfg, self.model, self.tokenizer = loaded.cfg, loaded.model, loaded.tokenizer
+        saved_lora = read_checkpoint_config(checkpoint).lora if checkpoint is not None else None
+        self.lora_base = base_description(self.model_cfg, saved_lora)  # what LoRA checkpoints name as their base
         self.model.train()
         if self.cfg.gradient_checkpointing:
             self.model.vision.gradient_checkpointing = True
@@ -200,7 +204,8 @@ class TrainingRecipe:
     def _setup_optimizer(self) -> None:
         """Freeze what the config freezes, then the optimizer and LR schedule over the parameters left trainable."""
         # SEAM (LoRA): the trainable parameters are chosen here; the optimizer is built over those alone.
-        apply_freezing(self.model, self.cfg)
+        if not prepare_lora(self.model, lora_config(self.cfg)):  # adapters (base frozen), or full fine-tuning
+            apply_freezing(self.model, self.cfg)
         self.optimizer = build_optimizer(self.model, self.cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
 
@@ -221,7 +226,8 @@ class TrainingRecipe:
                            scheduler=self.scheduler.state_dict(), train_config=self.cfg.to_dict())
         directory = self.run_dir / (name or f"checkpoints/step-{self.state.step:06d}")
         extra = {st.STATE_FILE: st.serialize_state(snapshot.to_dict())}
-        path = save_model(self.model, directory, tokenizer=self.tokenizer, extra_files=extra)
+        path = save_model(self.model, directory, tokenizer=self.tokenizer, extra_files=extra,
+                          lora_base=self.lora_base)
         if name is None:
             self.saved = (self.state.step, path)
             st.prune_checkpoints(self.run_dir, self.cfg.keep_last_checkpoints, self.state.best_dir)
@@ -414,6 +420,7 @@ class TrainingRecipe:
             final_checkpoint=str(final_dir) if final_dir else None, interrupted=interrupted, dataset=cfg.dataset,
             nonfinite_steps=self.nonfinite_total, interrupted_by=signal_name(stop.signum) if stop.signum else None,
             max_steps=cfg.max_steps, start_step=self.start_step, n_params=self.n_trainable + self.n_frozen,
+            n_params_trainable=self.n_trainable, n_params_frozen=self.n_frozen,
         )
 
     def _evaluate_and_publish(self, summary: TrainSummary, final_dir: Path | None) -> None:

@@ -68,6 +68,8 @@ class TrainSummary:
     max_steps: int | None = None
     start_step: int = 0  # the step this process started at (0, or the resumed checkpoint's step)
     n_params: int | None = None  # parameters of the model (trainable and frozen)
+    n_params_trainable: int | None = None  # what the optimizer updates (LoRA: the adapters, and the projector)
+    n_params_frozen: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
