@@ -119,3 +119,11 @@ def test_generate_and_eval_run_an_adapter_checkpoint_directly(tmp_path):
                                    "--json"])
     assert run.exit_code == 0, run.output
     assert "accuracy" in json.loads(run.stdout)
+
+
+def test_fsdp_with_lora_is_refused_in_one_line():
+    from nanovlm_cli.training.fsdp import check_fsdp_config
+
+    with pytest.raises(ConfigError, match="--strategy fsdp does not train LoRA adapters"):
+        check_fsdp_config(TrainConfig(lora_r=8))
+    check_fsdp_config(TrainConfig())  # full fine-tuning passes
