@@ -193,7 +193,8 @@ def _transformers_version() -> str:
 
 
 def generation_settings(cfg: VLMConfig, tokenizer: Any) -> dict[str, Any]:
-    """`generation_config.json`: stop at the end-of-turn token first, then at whatever else ours stops at."""
+    """`generation_config.json`: stop at the end-of-turn token first, then at whatever else ours stops at, and never
+    sample an image placeholder token (ours blocks them too: `generation.Engine`)."""
     from nanovlm_cli.data.processor import Processor
     from nanovlm_cli.data.tokenizer import end_of_turn_token
 
@@ -201,8 +202,12 @@ def generation_settings(cfg: VLMConfig, tokenizer: Any) -> dict[str, Any]:
     token = cfg.end_of_turn or end_of_turn_token(cfg.chat_template)
     eot = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
     eos = [i for i in dict.fromkeys([eot, *stops]) if i is not None]
+    vocab = tokenizer.get_vocab()
+    placeholders = {cfg.image_token_id, *(vocab[t] for t in cfg.extra_tokens if t in vocab)}
     return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos if len(eos) > 1 else eos[0],
-            "pad_token_id": tokenizer.pad_token_id, "transformers_version": _transformers_version()}
+            "pad_token_id": tokenizer.pad_token_id,
+            "suppress_tokens": sorted(i for i in placeholders if i is not None and i < cfg.language.total_vocab_size),
+            "transformers_version": _transformers_version()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
