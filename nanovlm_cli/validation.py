@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from nanovlm_cli.checkpoint.files import read_json, resolve_checkpoint, weight_files
+from nanovlm_cli.checkpoint.idefics3 import idefics3_tensor_to_ours
 from nanovlm_cli.checkpoint.io import (
     CONFIG_FILE,
     CheckpointConfig,
@@ -110,12 +111,17 @@ def _read_headers(directory: Path) -> _Header:
     return header
 
 
-def _as_ours(header: _Header, cfg: VLMConfig, upstream: bool) -> dict[str, dict[str, torch.Tensor]]:
-    """Stored name -> {our name: meta tensor of the converted shape}; upstream goes through the converter's table."""
+def _as_ours(header: _Header, cfg: VLMConfig, upstream: bool, kind: str = "") -> dict[str, dict[str, torch.Tensor]]:
+    """Stored name -> {our name: meta tensor of the converted shape}; upstream and Idefics3/SmolVLM go through their
+    converters' tables."""
     metas = {key: torch.empty(shape, dtype=dtype, device="meta") for key, (shape, dtype) in header.tensors.items()}
+    untied = cfg.replace(language=cfg.language.replace(tie_embeddings=False))  # keep a stored head visible
+    if kind == "idefics3":
+        converted = {key: idefics3_tensor_to_ours(key, meta, untied) for key, meta in metas.items()}
+        return {key: dict([c]) if c else {f"<unknown Idefics3 tensor {key}>": metas[key]}
+                for key, c in converted.items()}
     if not upstream:
         return {key: {key: meta} for key, meta in metas.items()}
-    untied = cfg.replace(language=cfg.language.replace(tie_embeddings=False))  # keep a stored head visible
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, meta in metas.items():
         try:
@@ -144,6 +150,7 @@ class _Validator:
         self.checkpoint: CheckpointConfig | None = None
         self.cfg: VLMConfig | None = None
         self.upstream = False
+        self.kind = ""
         self.header: _Header | None = None
         self.tokenizer: Any = None
 
@@ -181,7 +188,8 @@ class _Validator:
         directory = resolve_checkpoint(self.source)
         self.raw = read_json(directory / CONFIG_FILE)
         self.directory = directory  # the config exists: later checks can run even if other files are missing
-        self.upstream = checkpoint_kind(self.raw) == "upstream"
+        self.kind = checkpoint_kind(self.raw) or ""
+        self.upstream = self.kind == "upstream"
         found = ["config.json", *(w.name for w in weight_files(directory))]
         if not self.upstream:
             tokenizer_files = [n for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -202,7 +210,8 @@ class _Validator:
             raise CheckpointError(f"image_token_id={cfg.image_token_id} is outside the {cfg.language.total_vocab_size}"
                                   "-row embedding; the config and the tokenizer disagree")
         self.cfg = cfg
-        fmt = "upstream nanoVLM format" if self.upstream else f"nanovlm format {self.checkpoint.format_version}"
+        fmt = ("upstream nanoVLM format" if self.upstream else "transformers Idefics3/SmolVLM format"
+               if self.kind == "idefics3" else f"nanovlm format {self.checkpoint.format_version}")
         return (f"{fmt}: {cfg.vision.kind} {cfg.vision.n_layers}L/{cfg.vision.hidden_dim}, decoder "
                 f"{cfg.language.n_layers}L/{cfg.language.hidden_dim}, vocab {cfg.language.total_vocab_size}")
 
@@ -221,7 +230,7 @@ class _Validator:
         expected = _meta_model(cfg, self.checkpoint.lora if self.checkpoint is not None else None)
         stored: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         head = None
-        for mapped in _as_ours(header, cfg, self.upstream).values():
+        for mapped in _as_ours(header, cfg, self.upstream, self.kind).values():
             for name, meta in mapped.items():
                 if name == HEAD and cfg.language.tie_embeddings:
                     head = (tuple(meta.shape), meta.dtype)
@@ -270,7 +279,7 @@ class _Validator:
 
     def tied(self) -> str:
         cfg, header = self._cfg, self._header
-        ours = {name: key for key, mapped in _as_ours(header, cfg, self.upstream).items() for name in mapped}
+        ours = {name: key for key, mapped in _as_ours(header, cfg, self.upstream, self.kind).items() for name in mapped}
         head, embed = ours.get(HEAD), ours.get(EMBED)
         if not cfg.language.tie_embeddings:
             if head is None:
@@ -323,7 +332,7 @@ class _Validator:
 
     def image_processing(self) -> str:
         image = self._cfg.image
-        if not self.upstream:
+        if not self.upstream and self.kind != "idefics3":  # Idefics3/SmolVLM: read from its image processor
             recorded = self.raw.get("model", {}).get("image", {})
             missing = [k for k in ("mode", "tile_size", "mean", "std") if k not in recorded]
             if missing:

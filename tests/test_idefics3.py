@@ -27,23 +27,19 @@ from transformers import (
 from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector, Idefics3VisionEmbeddings
 from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE as SMOLVLM2_TEMPLATE
 
-from nanovlm_cli.checkpoint.files import check_and_copy, read_json, read_safetensors
 from nanovlm_cli.checkpoint.idefics3 import (
     config_from_idefics3,
     full_tile_position_ids,
     idefics3_to_ours,
     key_table,
     ours_to_idefics3,
-    read_idefics3_config,
 )
-from nanovlm_cli.checkpoint.io import LoadedModel
+from nanovlm_cli.checkpoint.io import load_model
 from nanovlm_cli.data.processor import IGNORE_INDEX, Processor
 from nanovlm_cli.data.sample import Record
-from nanovlm_cli.data.tokenizer import load_tokenizer
 from nanovlm_cli.errors import CheckpointError
 from nanovlm_cli.generation import Engine, SamplingConfig
 from nanovlm_cli.models.projector import pixel_shuffle
-from nanovlm_cli.models.vlm import VisionLanguageModel
 
 TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "nanovlm_cli" / "assets" / "tiny_tokenizer"
 # SmolVLM-256M/500M-Instruct's chat template (Idefics3); the SmolVLM2 family's is transformers' default above
@@ -57,14 +53,6 @@ SPECIALS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<glob
             *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))]
 TILE, LONGEST = 32, 128  # max_image_size, size.longest_edge: up to 4x4 tiles of 4 tokens
 KINDS = ("idefics3", "smolvlm")
-
-
-def load_model(directory):  # TEMPORARY until checkpoint/io.py has the idefics3 branch
-    cfg = read_idefics3_config(read_json(Path(directory) / "config.json"), directory)
-    tok = load_tokenizer(cfg, source=directory)
-    model = VisionLanguageModel(cfg)
-    check_and_copy(model, idefics3_to_ours(read_safetensors(Path(directory)), cfg), str(directory))
-    return LoadedModel(model.eval(), tok, cfg, Path(directory))
 
 
 def _tokenizer():
@@ -288,3 +276,91 @@ def test_image_settings_are_read_from_preprocessor_config_too(tmp_path):
     (directory / "processor_config.json").write_text(json.dumps(nested))
     (directory / "preprocessor_config.json").write_text(json.dumps(settings))
     assert load_model(directory).cfg.image.max_side == 64
+
+
+class _CrashAt:
+    """A callback that crashes the run after `step` (a power cut between two checkpoints)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_start(self, info): pass
+    def on_validation(self, step, val_loss): pass
+    def on_checkpoint(self, step, path): pass
+    def on_end(self, summary): pass
+
+    def on_step(self, metrics):
+        if metrics.step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def _llava_dataset(root: Path) -> Path:
+    (root / "imgs").mkdir(parents=True)
+    rows = []
+    for i, (colour, name) in enumerate([((200, 30, 30), "red"), ((30, 200, 30), "green"), ((30, 30, 200), "blue")] * 3):
+        Image.new("RGB", (40 + 8 * i, 48), colour).save(root / "imgs" / f"{i}.png")
+        rows.append({"image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": f"It is {name}."}]})
+    (root / "data.json").write_text(json.dumps(rows))
+    return root / "data.json"
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {json.loads(line)["step"]: json.loads(line)["loss"] for line in lines}
+
+
+def test_fine_tune_from_an_imported_smolvlm_learns_and_resumes_exactly(tmp_path):
+    from nanovlm_cli.checkpoint.io import read_model_config
+    from nanovlm_cli.config import TrainConfig
+    from nanovlm_cli.training import train
+
+    source = _save_checkpoint("smolvlm", tmp_path / "smolvlm")
+    model_cfg = read_model_config(source).replace(hub_id=str(source))  # what a smolvlm-* preset names
+    data = _llava_dataset(tmp_path / "data")
+
+    def cfg(name: str, **changes) -> TrainConfig:
+        return TrainConfig(dataset=str(data), image_root=str(data.parent / "imgs"), max_steps=6, batch_size=3,
+                           max_seq_len=512, save_checkpoint_steps=2, validation_steps=100, eval_size=0,
+                           console_log_interval=1, output_dir=str(tmp_path / "runs"), run_name=name, lr_mp=3e-3,
+                           lr_vision=3e-3, lr_language=3e-3, warmup_ratio=0.0, max_threads=1, **changes)
+
+    full = train(model_cfg, cfg("full"))
+    expected = _losses(Path(full.run_dir))
+    print(f"fine-tune losses: {[round(expected[s], 4) for s in sorted(expected)]}")
+    assert sorted(expected) == list(range(1, 7)) and expected[6] < 0.9 * expected[1]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(model_cfg, cfg("cut"), callback=_CrashAt(3))
+    cut = tmp_path / "runs" / "cut"
+    train(model_cfg, cfg("cut", resume=str(cut)))
+    assert _losses(cut) == expected  # bit for bit
+    final = load_model(cut / "final")
+    assert final.cfg.hub_id == str(source) and final.cfg.image.mode == "idefics3"
+    trained = final.model.state_dict()
+    assert any(not torch.equal(trained[k], v) for k, v in load_model(source).model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_commands_accept_an_idefics3_checkpoint(tmp_path, capsys):
+    """validate, generate, eval, vram and push --dry-run run on the transformers checkpoint directory as saved."""
+    from nanovlm_cli.cli import app as app_module
+
+    directory = _save_checkpoint("idefics3", tmp_path / "ckpt")
+
+    def run(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = app_module.run([str(a) for a in args])
+        return code, capsys.readouterr().out
+
+    image = tmp_path / "x.png"
+    _image(90, 60).save(image)
+    code, out = run("validate", directory, "--json")
+    assert code == 0 and "transformers Idefics3/SmolVLM format" in out
+    code, out = run("generate", image, "What is this?", "-c", directory, "--max-new-tokens", "4", "--device", "cpu")
+    assert code == 0 and out.strip()
+    code, out = run("eval", directory, "-b", "shapes", "--limit", "2", "--device", "cpu", "--json")
+    assert code == 0 and json.loads(out)["n"] == 2
+    code, out = run("vram", "-c", directory, "--batch-sizes", "1", "--json")
+    assert code == 0
+    code, out = run("push", directory, "user/model", "--dry-run", tmp_path / "upload")
+    assert code == 0 and (tmp_path / "upload" / "model.safetensors").is_file()

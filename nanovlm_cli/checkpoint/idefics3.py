@@ -109,11 +109,21 @@ def idefics3_to_ours(state: Mapping[str, torch.Tensor], cfg: VLMConfig) -> dict[
             raise CheckpointError("tie_word_embeddings is true but lm_head.weight differs from "
                                   "model.text_model.embed_tokens.weight; the checkpoint is inconsistent, re-save it")
     _missing_or_unknown(set(state), set(table), "the Idefics3/SmolVLM checkpoint")
-    out = {table[key]: tensor for key, tensor in state.items()}
-    pos = out["vision.pos_embed"]
-    if pos.ndim == 2:
-        out["vision.pos_embed"] = pos.unsqueeze(0)  # (g*g, D) -> (1, g*g, D)
-    return out
+    return dict(_to_ours(key, tensor, table) for key, tensor in state.items())
+
+
+def _to_ours(key: str, tensor: torch.Tensor, table: Mapping[str, str]) -> tuple[str, torch.Tensor]:
+    ours = table[key]
+    if ours == "vision.pos_embed" and tensor.ndim == 2:
+        tensor = tensor.unsqueeze(0)  # (g*g, D) -> (1, g*g, D)
+    return ours, tensor
+
+
+def idefics3_tensor_to_ours(key: str, tensor: torch.Tensor, cfg: VLMConfig) -> tuple[str, torch.Tensor] | None:
+    """One stored tensor under our name and layout (None for a key the table lacks), for checks such as `validate`
+    that look at tensors one by one; loading goes through the strict `idefics3_to_ours`."""
+    table = key_table(cfg)
+    return _to_ours(key, tensor, table) if key in table else None
 
 
 def ours_to_idefics3(state: Mapping[str, torch.Tensor], cfg: VLMConfig) -> dict[str, torch.Tensor]:

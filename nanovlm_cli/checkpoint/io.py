@@ -42,6 +42,7 @@ from nanovlm_cli.checkpoint.card import model_card
 from nanovlm_cli.checkpoint.files import check_and_copy, read_json, read_safetensors, resolve_checkpoint
 from nanovlm_cli.checkpoint.hf_language import load_language_backbone
 from nanovlm_cli.checkpoint.hf_vision import load_vision_backbone
+from nanovlm_cli.checkpoint.idefics3 import idefics3_to_ours, is_idefics3_config, read_idefics3_config
 from nanovlm_cli.checkpoint.upstream import config_from_upstream, convert_upstream_state_dict
 from nanovlm_cli.config import VLMConfig
 from nanovlm_cli.data.tokenizer import load_tokenizer, save_tokenizer
@@ -92,6 +93,8 @@ def checkpoint_kind(config: Mapping[str, Any]) -> str | None:
         return "nanovlm"
     if any(key.startswith("vit_") for key in config):
         return "upstream"
+    if is_idefics3_config(config):
+        return "idefics3"
     return None
 
 
@@ -121,9 +124,15 @@ def _read_upstream(raw: Mapping[str, Any], directory: Path) -> CheckpointConfig:
     return CheckpointConfig("upstream", config_from_upstream(raw), 0, None, convert_upstream_state_dict)
 
 
+def _read_idefics3(raw: Mapping[str, Any], directory: Path) -> CheckpointConfig:
+    # transformers' Idefics3/SmolVLM: tokenizer, image processor and chat template saved beside the weights
+    return CheckpointConfig("idefics3", read_idefics3_config(raw, directory), 0, directory, idefics3_to_ours)
+
+
 _READERS: dict[str, Callable[[Mapping[str, Any], Path], CheckpointConfig]] = {
     "nanovlm": _read_nanovlm,
     "upstream": _read_upstream,
+    "idefics3": _read_idefics3,
 }
 
 
@@ -131,8 +140,9 @@ def classify_config(raw: Mapping[str, Any], directory: Path) -> CheckpointConfig
     """The `CheckpointConfig` of the parsed config.json `raw` of the checkpoint in `directory`."""
     kind = checkpoint_kind(raw)
     if kind is None:
-        raise CheckpointError(f"{directory / CONFIG_FILE} is neither a nanovlm nor an upstream nanoVLM config "
-                              "(no 'model' and no 'vit_*' keys); is this a VLM checkpoint directory?")
+        raise CheckpointError(f"{directory / CONFIG_FILE} is neither a nanovlm, an upstream nanoVLM nor an "
+                              "Idefics3/SmolVLM config (no 'model', no 'vit_*' keys, model_type not idefics3 or "
+                              "smolvlm); is this a VLM checkpoint directory?")
     return _READERS[kind](raw, directory)
 
 
@@ -183,8 +193,13 @@ def build_model(
     This is where a model is created, so this is where its config is fixed: the backbones' real architecture (read
     from their own config.json) and the image token id of the tokenizer it is created with (a preset's config
     carries the id such a tokenizer gives; the tokenizer's own id wins should they differ) go into the returned
-    config, which `save_model` writes.
+    config, which `save_model` writes. A config naming whole pretrained weights (`cfg.hub_id`: the SmolVLM presets)
+    starts from that checkpoint, its architecture and tokenizer included.
     """
+    if load_backbones and cfg.hub_id:
+        loaded = load_model(cfg.hub_id, device=device, dtype=dtype)
+        loaded.model.cfg = loaded.cfg = loaded.cfg.replace(hub_id=cfg.hub_id)  # saved with it: where it started
+        return loaded
     vision = language = None
     if load_backbones and cfg.vision.hub_id:
         vision = load_vision_backbone(cfg.vision.hub_id)
