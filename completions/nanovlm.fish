@@ -79,6 +79,7 @@ complete -c nanovlm -n '__fish_seen_subcommand_from train' -l wandb-entity -r -d
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l hf-repo-name -r -d 'Push the final model to this Hub repo; \'None\' disables'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l resume -r -F -d 'Resume from a checkpoint directory: weights, optimizer, schedule, step, RNG and data position'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l device -r -d 'auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps'
+complete -c nanovlm -n '__fish_seen_subcommand_from train' -l strategy -x -a 'ddp fsdp' -d 'Under torchrun: ddp (a full copy per process) or fsdp (parameters, gradients and optimizer state sharded)'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l seed -r -d 'Random seed'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l max-threads -r -d 'CPU threads torch may use'
 complete -c nanovlm -n '__fish_seen_subcommand_from train' -l dry-run -d 'Print the resolved configs and exit (no torch, no weights)'

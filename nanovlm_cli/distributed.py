@@ -56,5 +56,6 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    """Destroy the process group: torchrun's, or the group of one that `training.fsdp` makes for a single process."""
+    if dist.is_initialized():
         dist.destroy_process_group()

@@ -133,6 +133,9 @@ class TrainConfig(_Config):
                                 help="Resume from a checkpoint directory: weights, optimizer, schedule, step, RNG "
                                      "and data position.")
     device: str = option("auto", group=RUN, help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps.")
+    strategy: Literal["ddp", "fsdp"] = option("ddp", group=RUN,
+                                              help="Under torchrun: ddp (a full copy per process) or fsdp "
+                                                   "(parameters, gradients and optimizer state sharded).")
     seed: int = option(0, group=RUN, help="Random seed.")
     max_threads: int | None = option(None, group=RUN, min=1, help="CPU threads torch may use.")
 
@@ -150,6 +153,7 @@ class TrainConfig(_Config):
                  f"train.shapes_multiple_choice={self.shapes_multiple_choice} must be a fraction in [0, 1]")
         _require(self.num_workers >= 0, f"train.num_workers={self.num_workers} must be >= 0")
         _require(self.optimizer in ("adamw", "muon"), f"train.optimizer={self.optimizer!r} is not one of adamw, muon")
+        _require(self.strategy in ("ddp", "fsdp"), f"train.strategy={self.strategy!r} is not one of ddp, fsdp")
         _require(self.report_to in ("none", "wandb", "tensorboard"),
                  f"train.report_to={self.report_to!r} is not one of none, wandb, tensorboard")
         _require(self.keep_last_checkpoints >= 1, "train.keep_last_checkpoints must be >= 1")

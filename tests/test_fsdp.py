@@ -8,8 +8,10 @@ mixed-precision policy under NCCL and the memory peak on a GPU: benchmarks/gpu_f
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,77 @@ def test_each_rank_holds_the_shards_the_memory_model_predicts(worker):
     assert result["resident"]["grads"] == 0  # zero_grad(set_to_none) after the last step
     assert result["n_params"] * 4 / 2 <= predicted.params <= 0.55 * result["n_params"] * 4  # about half each
     assert sharded_bytes(tiny_config(), TrainConfig(), world_size=1).params == result["n_params"] * 4
+
+
+def _train_args(tmp_path: Path, name: str, batch_size: int, *extra: str) -> list[str]:
+    # As tests/test_ddp.py: --pack-buffer 1 keeps each step's sample set the same across world sizes.
+    return ["-m", "nanovlm_cli", "train", "--preset", "tiny", "--dataset-size", "200", "--batch-size", str(batch_size),
+            "--pack-buffer", "1", "--max-seq-len", "256", "--max-steps", "4", "--save-checkpoint-steps", "100",
+            "--validation-steps", "2", "--eval-size", "0", "--output-dir", str(tmp_path), "--run-name", name,
+            "--device", "cpu", "--max-threads", "1", *extra]
+
+
+def _metrics(tmp_path: Path, name: str) -> list[dict]:
+    return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """One process with batch 4; DDP and FSDP with 2 processes of batch 2 (the same samples per step)."""
+    tmp = tmp_path_factory.mktemp("fsdp_runs")
+    subprocess.run([sys.executable, *_train_args(tmp, "single", 4)], check=True, env=ENV, cwd=REPO,
+                   capture_output=True)
+    for port, name in ((29542, "ddp"), (29543, "fsdp")):
+        run = subprocess.run([*_torchrun(port), *_train_args(tmp, name, 2, "--strategy", name)[1:]], env=ENV,
+                             cwd=REPO, capture_output=True, text=True, check=False)
+        assert run.returncode == 0, run.stderr[-3000:]
+    return tmp
+
+
+@pytest.mark.slow
+def test_fsdp_with_batch_b_on_two_processes_equals_one_process_with_2b_and_ddp(runs):
+    single, ddp, fsdp = (_metrics(runs, n) for n in ("single", "ddp", "fsdp"))
+    assert [x["step"] for x in fsdp] == [1, 2, 3, 4]  # only rank 0 writes
+    assert [x["samples_seen"] for x in fsdp] == [x["samples_seen"] for x in single]
+    for a, b, c in zip(single, ddp, fsdp, strict=True):
+        assert abs(a["loss"] - c["loss"]) <= 1e-5, (a["loss"], c["loss"])
+        assert abs(b["loss"] - c["loss"]) <= 1e-5, (b["loss"], c["loss"])
+    shards = runs / "fsdp" / "final" / "sharded"
+    assert (shards / "__0_0.distcp").is_file() and (shards / "__1_0.distcp").is_file()
+    wa = load_model(runs / "single" / "final").model.state_dict()
+    wb = load_model(runs / "fsdp" / "final").model.state_dict()  # the ordinary single-file model
+    assert wa.keys() == wb.keys()
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert worst <= 5e-5, worst  # as test_ddp: Adam amplifies the summation-order differences of the reduction
+
+
+@pytest.mark.slow
+def test_fsdp_run_stopped_by_sigterm_resumes_from_its_shards_and_reproduces_the_losses(runs):
+    log = runs / "cut.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([*_torchrun(29544), *_train_args(runs, "cut", 2, "--strategy", "fsdp")[1:]],
+                                env=ENV, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    metrics, deadline = runs / "cut" / "metrics.jsonl", time.time() + 150
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    proc.wait(timeout=120)
+    cut = _metrics(runs, "cut")
+    assert 1 <= len(cut) < 4, log.read_text()[-3000:]  # stopped before the end, after a finished step
+    saved = runs / "cut" / "checkpoints" / f"step-{len(cut):06d}"
+    assert (saved / "sharded" / "fsdp.json").is_file(), log.read_text()[-3000:]
+    resumed = subprocess.run([*_torchrun(29545), "-m", "nanovlm_cli", "train", "--resume", str(runs / "cut")],
+                             env=ENV, cwd=REPO, capture_output=True, text=True, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [x["loss"] for x in _metrics(runs, "cut")] == [x["loss"] for x in _metrics(runs, "fsdp")]
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_refuses_another_strategy_in_one_line(runs):
+    run = subprocess.run([sys.executable, "-m", "nanovlm_cli", "train", "--resume", str(runs / "fsdp" / "final"),
+                          "--strategy", "ddp", "--max-steps", "5"], env=ENV, cwd=REPO, capture_output=True,
+                         text=True, check=False)
+    assert run.returncode == 1, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert "written with --strategy fsdp" in last and "--strategy fsdp" in last, run.stderr[-2000:]

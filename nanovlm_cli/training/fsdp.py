@@ -46,7 +46,7 @@ from nanovlm_cli.checkpoint.io import save_model
 from nanovlm_cli.config import TrainConfig, VLMConfig
 from nanovlm_cli.distributed import DistInfo
 from nanovlm_cli.errors import ConfigError, TrainingError
-from nanovlm_cli.models.vlm import VisionLanguageModel
+from nanovlm_cli.models.vlm import VisionLanguageModel, compile_blocks
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,10 @@ def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
-def shard_model(model: VisionLanguageModel, device: torch.device, info: DistInfo) -> VisionLanguageModel:
+def shard_model(model: VisionLanguageModel, device: torch.device, info: DistInfo, *, compile: bool = False,
+                ) -> VisionLanguageModel:
     """Apply `fully_shard` to every decoder block, then to the model (the root), in place; returns the model.
+    `compile`: `torch.compile` the blocks first (`models.vlm.compile_blocks`; compiled, then sharded, as torchtitan).
 
     Call it after freezing and before building the optimizer: the parameters become new `DTensor` objects. A single
     process (no torchrun) gets a process group of one, so the same code path (mixed precision, sharded checkpoints)
@@ -81,6 +83,8 @@ def shard_model(model: VisionLanguageModel, device: torch.device, info: DistInfo
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
+    if compile:
+        compile_blocks(model, device)
     mesh = init_device_mesh(device.type, (info.world_size,))
     policy = mixed_precision(device)
     blocks = list(model.language.blocks)
@@ -143,6 +147,15 @@ def full_state_dict(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def gathered_model(model: VisionLanguageModel, device: torch.device, info: DistInfo) -> VisionLanguageModel | None:
+    """The model as one process can run it: itself when not sharded; under FSDP an unsharded copy on rank 0 (None
+    on the others), built from the gathered weights. A collective under FSDP: every rank calls it."""
+    if not is_sharded(model):
+        return model
+    state = full_state_dict(model)
+    return plain_model(model.cfg, state, device) if info.is_main else None
+
+
 def plain_model(cfg: VLMConfig, state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
                 ) -> VisionLanguageModel:
     """An ordinary (unsharded) model holding `state`, e.g. for an evaluation on rank 0 during the run."""
@@ -189,6 +202,15 @@ def save_checkpoint(model: VisionLanguageModel, optimizer: torch.optim.Optimizer
             os.replace(partial, directory / name)
     dist.barrier()
     return directory
+
+
+def check_resume_strategy(checkpoint: Path, sharded: bool, info: DistInfo) -> None:
+    """A one-line error when `checkpoint` was written by the other strategy (or, under FSDP, another world size)."""
+    if sharded:
+        check_resumable(checkpoint, info)
+    elif (checkpoint / SHARDED_DIR).is_dir():
+        raise TrainingError(f"{checkpoint} was written with --strategy fsdp (its optimizer state is sharded); "
+                            "resume it with --strategy fsdp under the same torchrun --nproc-per-node")
 
 
 def check_resumable(checkpoint: Path, info: DistInfo) -> None:

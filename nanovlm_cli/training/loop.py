@@ -41,6 +41,7 @@ from nanovlm_cli.errors import TrainingError
 from nanovlm_cli.hub import push_checkpoint
 from nanovlm_cli.models.lora import base_description, lora_config, prepare_lora
 from nanovlm_cli.models.vlm import VisionLanguageModel, compile_blocks, eval_mode, loss_targets
+from nanovlm_cli.training import fsdp
 from nanovlm_cli.training import state as st
 from nanovlm_cli.training.data import TrainingData, build_training_data
 from nanovlm_cli.training.metrics import (
@@ -94,6 +95,8 @@ def train(model_cfg: VLMConfig, cfg: TrainConfig, *, callback: TrainCallback | N
     """
     callback = callback or NullCallback()
     check_reporter_installed(cfg.report_to)  # fail before any work starts
+    if cfg.strategy == "fsdp":
+        fsdp.check_fsdp_config(cfg)
     with StopFlag() as stop:
         info, device = init_distributed(cfg.device)
         if cfg.max_threads:
@@ -166,7 +169,7 @@ class TrainingRecipe:
         self._setup_optimizer()
         self._setup_data()
         if checkpoint is not None:
-            self.load_checkpoint_state(st.load_run_state(checkpoint))
+            self.load_checkpoint_state(st.load_run_state(checkpoint), checkpoint)
         # The data position after the last finished step: a signal while the next batches load leaves the loader
         # ahead of the model, so a checkpoint saved then must not take the loader's live state.
         self.state.data, self.state.skips = self.data.loader.state_dict(), self.data.skips.state_dict()
@@ -176,7 +179,7 @@ class TrainingRecipe:
             run_config = {"model": self.model_cfg.to_dict(), "train": cfg.to_dict()}
             (self.run_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
             st.truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
-        if cfg.compile:
+        if cfg.compile and not fsdp.is_sharded(self.model):  # FSDP compiles its blocks before sharding them
             compile_blocks(self.model, self.device)
         self.wrapped = wrap_model(self.model, info, self.device)  # SEAM (FSDP2): see training.parallel
         if info.is_main and cfg.report_to != "none":
@@ -206,6 +209,8 @@ class TrainingRecipe:
         # SEAM (LoRA): the trainable parameters are chosen here; the optimizer is built over those alone.
         if not prepare_lora(self.model, lora_config(self.cfg)):  # adapters (base frozen), or full fine-tuning
             apply_freezing(self.model, self.cfg)
+        if self.cfg.strategy == "fsdp":  # SEAM (FSDP2): the optimizer must be built over the shards
+            fsdp.shard_model(self.model, self.device, self.info, compile=self.cfg.compile)
         self.optimizer = build_optimizer(self.model, self.cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
 
@@ -218,25 +223,36 @@ class TrainingRecipe:
     def save_checkpoint(self, rng: Any, name: str | None = None) -> Path:
         """Write the model files and the run state to checkpoints/step-N (then prune old ones), or to `name`.
 
-        Rank 0 only; `rng` is `_gathered_rng()` (collected on every rank beforehand).
+        Rank 0 only (every rank under FSDP: each writes its shards); `rng` is `_gathered_rng()` (collected on every
+        rank beforehand).
         """
         # SEAM (FSDP2, LoRA): checkpoint state is gathered here (weights, optimizer) and restored in
         # load_checkpoint_state.
-        snapshot = replace(self.state, rng=rng, optimizer=self.optimizer.state_dict(),
+        sharded = fsdp.is_sharded(self.model)  # the optimizer state goes to the shards (training.fsdp)
+        snapshot = replace(self.state, rng=rng, optimizer={} if sharded else self.optimizer.state_dict(),
                            scheduler=self.scheduler.state_dict(), train_config=self.cfg.to_dict())
         directory = self.run_dir / (name or f"checkpoints/step-{self.state.step:06d}")
         extra = {st.STATE_FILE: st.serialize_state(snapshot.to_dict())}
-        path = save_model(self.model, directory, tokenizer=self.tokenizer, extra_files=extra,
-                          lora_base=self.lora_base)
+        if sharded:
+            path = fsdp.save_checkpoint(self.model, self.optimizer, directory, self.info, tokenizer=self.tokenizer,
+                                        state_file=(st.STATE_FILE, extra[st.STATE_FILE]))
+        else:
+            path = save_model(self.model, directory, tokenizer=self.tokenizer, extra_files=extra,
+                              lora_base=self.lora_base)
         if name is None:
             self.saved = (self.state.step, path)
-            st.prune_checkpoints(self.run_dir, self.cfg.keep_last_checkpoints, self.state.best_dir)
+            if self.info.is_main:
+                st.prune_checkpoints(self.run_dir, self.cfg.keep_last_checkpoints, self.state.best_dir)
         return path
 
-    def load_checkpoint_state(self, saved: RunState) -> None:
+    def load_checkpoint_state(self, saved: RunState, checkpoint: Path) -> None:
         """Restore optimizer, schedule, data position and this rank's RNG from a saved run state."""
         # SEAM (FSDP2, LoRA): checkpoint state is restored here (gathered in save_checkpoint).
-        self.optimizer.load_state_dict(saved.optimizer)
+        fsdp.check_resume_strategy(checkpoint, fsdp.is_sharded(self.model), self.info)
+        if fsdp.is_sharded(self.model):
+            fsdp.load_checkpoint(self.model, self.optimizer, checkpoint, self.info)
+        else:
+            self.optimizer.load_state_dict(saved.optimizer)
         self.scheduler.load_state_dict(saved.scheduler)
         self.data.loader.load_state_dict(saved.data)
         self.data.skips.load_state_dict(saved.skips)
@@ -346,8 +362,9 @@ class TrainingRecipe:
         )
         line = metrics.to_dict()
         if cfg.eval_interval and step % cfg.eval_interval == 0 and self.data.final_eval is not None:
+            model = fsdp.gathered_model(self.model, self.device, self.info)  # a collective under FSDP
             if self.info.is_main:
-                line["eval"] = self.data.final_eval(self.model, self.device)
+                line["eval"] = self.data.final_eval(model, self.device)
                 self.model.train()
             barrier(self.info)
         if self.metrics_file is not None:
@@ -361,7 +378,8 @@ class TrainingRecipe:
         cfg, info, state = self.cfg, self.info, self.state
         step, validated = state.step, False
         if step % cfg.validation_steps == 0 or step == cfg.max_steps:
-            self.val_loss = validation_loss(self.model, self.data.validation, self.device, info)
+            measure = fsdp.validation_loss if fsdp.is_sharded(self.model) else validation_loss
+            self.val_loss = measure(self.model, self.data.validation, self.device, info)
             if self.val_loss is not None:
                 validated = True
                 state.best_val_seen = self.val_loss if state.best_val_seen is None else min(state.best_val_seen,
@@ -374,9 +392,9 @@ class TrainingRecipe:
                 state.best_val_loss = self.val_loss
                 state.best_dir = self.run_dir / "checkpoints" / f"step-{step:06d}"
             rng = self._gathered_rng()  # a collective under DDP: every rank joins
-            if info.is_main:
+            if info.is_main or fsdp.is_sharded(self.model):
                 path = self.save_checkpoint(rng)
-                if not stop_now:  # an interrupted run names its checkpoint once, in its last line
+                if not stop_now and info.is_main:  # an interrupted run names its checkpoint once, in its last line
                     self.callback.on_checkpoint(step, str(path))
             barrier(info)
         return stop_now
@@ -403,7 +421,7 @@ class TrainingRecipe:
             self.save_checkpoint(self.rng_after_step)
         rng_final = self._gathered_rng()
         final_dir: Path | None = None
-        if info.is_main:
+        if info.is_main or fsdp.is_sharded(self.model):
             final_dir = self.saved[1] if interrupted and self.saved is not None else \
                 self.save_checkpoint(rng_final, name="final")
         barrier(info)
@@ -428,7 +446,8 @@ class TrainingRecipe:
         if self.data.final_eval is not None:
             t_eval = time.perf_counter()
             try:  # nothing is lost by stopping here: the final checkpoint is written
-                summary.eval = self.data.final_eval(self.model, self.device)
+                model = load_model(final_dir, device=self.device).model if fsdp.is_sharded(self.model) else self.model
+                summary.eval = self.data.final_eval(model, self.device)
             except TrainingInterrupted as exc:
                 summary.interrupted, summary.interrupted_by = True, signal_name(exc.signum)
                 summary.interrupted_during = "evaluation"

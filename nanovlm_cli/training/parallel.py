@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from nanovlm_cli.distributed import DistInfo
@@ -30,7 +31,7 @@ class LossModule(torch.nn.Module):
 def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module | None:
     """The model wrapped for distributed training (its forward is the summed loss), or None in a single process."""
     # SEAM (FSDP2): the model is wrapped for distribution here, and only here.
-    if not info.enabled:
+    if not info.enabled or isinstance(model, FSDPModule):  # FSDP shards in place (training.fsdp), before the optimizer
         return None
     return DistributedDataParallel(
         LossModule(model), device_ids=[device.index] if device.type == "cuda" else None,
