@@ -101,6 +101,12 @@ def _vlm(**kwargs) -> VLMConfig:
     return _with_extra_vocab(draft)
 
 
+# New SigLIP models train in the Idefics3 layout (transformers' Idefics3Processor, SmolVLM's 512px tiles and 2048px
+# longest edge) with SigLIP's own normalisation, so `nanovlm export` can hand them to transformers exactly.
+IDEFICS3_IMAGE = ImageConfig(mode="idefics3", tile_size=512, max_side=2048, max_grid=4)
+IDEFICS3_TOKENS = {"image_token": "<image>", "global_image_token": "<global-img>"}
+
+
 def _chat_template_for(language: LanguageConfig) -> str:
     return "gemma" if language.embed_scale else "chatml"
 
@@ -168,12 +174,14 @@ _SMOLVLM_PRESETS = {
 PRESETS: dict[str, Preset] = {
     "default": Preset(
         "default",
-        "SigLIP2-base-512 + SmolLM2-360M-Instruct, image splitting up to 8x8 tiles, 64 tokens per tile",
+        "SigLIP2-base-512 + SmolLM2-360M-Instruct in the Idefics3 layout (exports to transformers): up to 4x4 tiles "
+        "of 512px + the global view, 64 tokens per tile",
         _vlm(
             vision=SIGLIP2_BASE_512,
             language=SMOLLM2_360M_INSTRUCT,
             projector=ProjectorConfig(pixel_shuffle_factor=4),
-            image=ImageConfig(mode="tiles", tile_size=512, max_side=2048, max_grid=8),
+            image=IDEFICS3_IMAGE,
+            **IDEFICS3_TOKENS,
         ),
         TrainConfig(dataset="HuggingFaceM4/FineVision", max_seq_len=4096, batch_size=2,
                     gradient_accumulation_steps=8, max_steps=40000),
@@ -268,7 +276,7 @@ def with_backbones(
     if vision_encoder is not None:
         if vision_encoder == "siglip":
             if vision.kind != "siglip":
-                vision, image = SIGLIP2_BASE_512, ImageConfig(mode="tiles", tile_size=512)
+                vision, image = SIGLIP2_BASE_512, IDEFICS3_IMAGE
         elif vision_encoder == "dinov2":
             vision = DINOV2_VITS14
             image = ImageConfig(mode="fixed", tile_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -289,6 +297,8 @@ def with_backbones(
             )
         language = LANGUAGE_MODELS[language_model]
     data = model.to_dict()
+    if image.mode == "idefics3" and model.image.mode != "idefics3":
+        data.update(IDEFICS3_TOKENS)
     data.update(
         vision=vision.to_dict(),
         image=image.to_dict(),

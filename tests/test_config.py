@@ -18,10 +18,11 @@ def test_every_preset_round_trips_through_json(name):
     assert model.language.extra_vocab_size == (0 if model.hub_id else len(model.extra_tokens))
 
 
-def test_default_preset_has_64_tokens_per_tile_and_8x8_tiles():
+def test_default_preset_has_64_tokens_per_tile_and_4x4_idefics3_tiles():
     cfg = get_preset("default").model
     assert cfg.image_tokens_per_tile == 64
-    assert len(cfg.tile_tokens) == 64 and cfg.tile_tokens[0] == "<row_1_col_1>" and cfg.tile_tokens[-1] == "<row_8_col_8>"
+    assert cfg.image.mode == "idefics3" and cfg.image_token == "<image>"  # exportable to transformers (issue 15)
+    assert len(cfg.tile_tokens) == 16 and cfg.tile_tokens[0] == "<row_1_col_1>" and cfg.tile_tokens[-1] == "<row_4_col_4>"
     assert 400e6 < cfg.n_params_estimate() < 520e6
 
 
