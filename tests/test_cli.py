@@ -14,7 +14,7 @@ from nanovlm_cli.cli.vram import parse_batch_sizes
 from nanovlm_cli.presets import PRESETS, get_preset
 from nanovlm_cli.run_config import TRAIN_FIELDS
 
-COMMANDS = ["train", "generate", "eval", "vram", "validate", "push", "chat", "serve"]
+COMMANDS = ["train", "generate", "eval", "vram", "validate", "push", "export", "chat", "serve"]
 
 
 @pytest.fixture

@@ -60,6 +60,12 @@ COMMAND_EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ("Write the upload and its model card to a folder to review them, uploading nothing:",
          "nanovlm push runs/my-run/final user/my-vlm --dry-run card/"),
         ("Publish privately to a branch:", "nanovlm push runs/my-run/final user/my-vlm --private --revision exp-1"),
+        ("Publish the transformers (Idefics3) form instead:",
+         "nanovlm push runs/my-run/final user/my-vlm --format transformers"),
+    ],
+    "export": [
+        ("Write a directory plain transformers loads (AutoModelForImageTextToText, AutoProcessor, pipeline):",
+         "nanovlm export runs/my-run/final my-vlm-hf/"),
     ],
     "chat": [
         ("Talk with your checkpoint in the terminal (/image PATH attaches an image):",
