@@ -42,7 +42,8 @@ class SampleShape:
 def sample_shape(cfg: VLMConfig, seq_len: int, images_per_sample: int = 1) -> SampleShape:
     """The largest realistic row for `cfg`: every image at its biggest processed size that still fits `seq_len`.
 
-    "fixed": one tile per image. "tiles": an n x n grid (n <= max_grid, n * tile <= max_side) plus the global view.
+    "fixed": one tile per image. "tiles": an n x n grid (n <= max_grid, n * tile <= max_side) plus the global view;
+    "idefics3" the same with n = ceil(max_side / tile) (the global view alone when it does not split).
     "aspect": a square image of max_side pixels (rounded to `multiple_of`). Grids shrink until the image tokens
     leave at least a quarter of the row for text. E.g. the default preset at 4096 tokens: 4x4 tiles + 1 global view
     of 512 px, 64 tokens each = 1088 image tokens.
@@ -63,10 +64,13 @@ def sample_shape(cfg: VLMConfig, seq_len: int, images_per_sample: int = 1) -> Sa
     else:
         tokens = cfg.image_tokens_per_tile
         n = min(image.max_grid, image.max_side // image.tile_size) if image.mode == "tiles" else 1
-        extra = int(image.mode == "tiles" and image.global_view and n > 1)
+        if image.mode == "idefics3" and image.split:  # as many tiles as its longest edge makes, the global view too
+            n = math.ceil(image.max_side / image.tile_size)
+        with_global = image.mode == "idefics3" or (image.mode == "tiles" and image.global_view)
+        extra = int(with_global and n > 1)
         while n > 1 and not fits((n * n + extra) * tokens):
             n -= 1
-            extra = int(image.mode == "tiles" and image.global_view and n > 1)
+            extra = int(with_global and n > 1)
         views, size = n * n + extra, (image.tile_size, image.tile_size)
     if images_per_sample and not fits(views * tokens):
         raise ConfigError(f"--seq-len {seq_len} cannot hold {images_per_sample} image(s) of {views * tokens} tokens "
