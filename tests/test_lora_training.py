@@ -127,3 +127,26 @@ def test_fsdp_with_lora_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="--strategy fsdp does not train LoRA adapters"):
         check_fsdp_config(TrainConfig(lora_r=8))
     check_fsdp_config(TrainConfig())  # full fine-tuning passes
+
+
+def test_export_merges_the_adapters_and_transformers_computes_the_adapter_model(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from nanovlm_cli.checkpoint.export import export_transformers
+    from nanovlm_cli.checkpoint.io import build_model
+    from nanovlm_cli.models.lora import LoRAConfig, apply_lora, has_lora
+    from tests.test_export import _compare, _image, idefics3_tiny
+
+    torch.manual_seed(0)
+    loaded = build_model(idefics3_tiny(image_size=64), load_backbones=False)
+    apply_lora(loaded.model, LoRAConfig(r=4, alpha=8.0, targets=("language", "vision")))
+    with torch.no_grad():  # trained-looking adapters: B no longer zero
+        for name, p in loaded.model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.05)
+    loaded.model.eval()
+    export_transformers(loaded, tmp_path / "hf")
+    assert has_lora(loaded.model)  # the export merged a copy
+    hf = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "hf")).eval()
+    _, logits = _compare(loaded, hf, AutoProcessor.from_pretrained(str(tmp_path / "hf")), [_image(150, 60)])
+    assert logits <= 1e-4, logits

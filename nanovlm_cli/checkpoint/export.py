@@ -46,6 +46,7 @@ from nanovlm_cli.checkpoint.idefics3 import (
 from nanovlm_cli.checkpoint.io import LoadedModel, _atomic_replace, load_model, read_model_config
 from nanovlm_cli.config import LanguageConfig, VLMConfig
 from nanovlm_cli.errors import CheckpointError
+from nanovlm_cli.models.lora import has_lora, merge_lora
 from nanovlm_cli.models.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,10 @@ def generation_settings(cfg: VLMConfig, tokenizer: Any) -> dict[str, Any]:
 
 def hf_state_dict(model: VisionLanguageModel, cfg: VLMConfig) -> dict[str, torch.Tensor]:
     """Our weights under the names transformers' Idefics3 uses (a tied `lm_head` is not stored, as transformers
-    saves it), the position table resized to the tile grid when the tile is not the encoder's resolution."""
+    saves it), the position table resized to the tile grid when the tile is not the encoder's resolution. LoRA
+    adapters are merged into their layers first (W + (alpha/r)·B@A, on a copy: `model` keeps them)."""
+    if has_lora(model):
+        model = merge_lora(copy.deepcopy(model))
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     grid = cfg.image.tile_size // cfg.vision.patch_size
     if grid != cfg.vision.grid_size and "vision.pos_embed" in state:  # see the module docstring

@@ -187,19 +187,24 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     return names
 
 
-def prepare_lora(model: nn.Module, cfg: LoRAConfig | None) -> bool:
-    """Choose the trainable parameters of a LoRA run: a model that already has adapters (a resumed LoRA
-    checkpoint) keeps them and only the trainable flags are set; otherwise `apply_lora`. With `cfg` None (full
-    fine-tuning) returns False for the caller to freeze what it freezes, and refuses a model with adapters."""
-    if cfg is None:
-        if has_lora(model):
-            raise ConfigError("this checkpoint has LoRA adapters, so it trains with them: resume it with its own "
-                              "--lora-r, or merge them first (nanovlm export) to fine-tune the merged model fully")
-        return False
-    if has_lora(model):
+def prepare_lora(model: nn.Module, cfg: LoRAConfig | None, *, resumed: bool = False) -> bool:
+    """Choose the trainable parameters of a run; True when LoRA chose them, False for the caller to freeze what
+    full fine-tuning freezes (`cfg` None).
+
+    A resumed LoRA checkpoint keeps its adapters (only the trainable flags are set), and resuming one without LoRA
+    is refused. A new run that starts from a checkpoint with adapters (`VLMConfig.hub_id`) first merges them: its
+    base is the merged model, and it trains new adapters (or, without LoRA, the merged weights).
+    """
+    if has_lora(model) and resumed:
+        if cfg is None:
+            raise ConfigError("this checkpoint has LoRA adapters, so it resumes with them: resume it with its own "
+                              "--lora-r (its saved run config has it unless a flag overrides it)")
         mark_trainable(model, cfg.train_projector)
-    else:
-        apply_lora(model, cfg)
+        return True
+    merge_lora(model)
+    if cfg is None:
+        return False
+    apply_lora(model, cfg)
     return True
 
 

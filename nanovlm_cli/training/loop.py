@@ -207,7 +207,7 @@ class TrainingRecipe:
     def _setup_optimizer(self) -> None:
         """Freeze what the config freezes, then the optimizer and LR schedule over the parameters left trainable."""
         # SEAM (LoRA): the trainable parameters are chosen here; the optimizer is built over those alone.
-        if not prepare_lora(self.model, lora_config(self.cfg)):  # adapters (base frozen), or full fine-tuning
+        if not prepare_lora(self.model, lora_config(self.cfg), resumed=bool(self.cfg.resume)):  # LoRA, or full
             apply_freezing(self.model, self.cfg)
         if self.cfg.strategy == "fsdp":  # SEAM (FSDP2): the optimizer must be built over the shards
             fsdp.shard_model(self.model, self.device, self.info, compile=self.cfg.compile)
