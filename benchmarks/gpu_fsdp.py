@@ -47,8 +47,7 @@ def main() -> None:
     torch.cuda.set_device(device)
     dist.init_process_group("nccl")
     info = DistInfo(rank, world, device.index)
-    cfg = MODELS[args.model][0]
-    cfg = cfg.replace(image_token_id=cfg.language.vocab_size)  # the first extra row, as the memory model does
+    cfg = MODELS[args.model][0]  # carries its image token id (benchmarks/memory.scaled)
     train = TrainConfig(lr_mp=1e-3, lr_vision=1e-4, lr_language=1e-4)
     shape = sample_shape(cfg, args.seq_len)
     torch.manual_seed(0)

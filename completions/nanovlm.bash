@@ -41,10 +41,11 @@ _nanovlm() {
         vram)
             case "$prev" in
                 --preset) COMPREPLY=($(compgen -W "default original_small dinov3_gemma dinov2_smollm tiny smolvlm-256m smolvlm-500m smolvlm2-256m smolvlm2-500m" -- "$cur")); return 0 ;;
+                --strategy) COMPREPLY=($(compgen -W "ddp fsdp" -- "$cur")); return 0 ;;
                 --plot) COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
-                --batch-sizes|--checkpoint|-c|--seq-len|--images-per-sample|--max-batch-size-for|--device) COMPREPLY=(); return 0 ;;
+                --batch-sizes|--checkpoint|-c|--seq-len|--images-per-sample|--max-batch-size-for|--world-size|--device) COMPREPLY=(); return 0 ;;
             esac
-            opts="--batch-sizes --preset --checkpoint -c --seq-len --images-per-sample --freeze-vision-encoder --no-freeze-vision-encoder --gradient-checkpointing --no-gradient-checkpointing --compile --no-compile --max-batch-size-for --stop-on-oom --no-stop-on-oom --plot --estimate-only --measure-all --device --json --help -h" ;;
+            opts="--batch-sizes --preset --checkpoint -c --seq-len --images-per-sample --freeze-vision-encoder --no-freeze-vision-encoder --gradient-checkpointing --no-gradient-checkpointing --compile --no-compile --max-batch-size-for --stop-on-oom --no-stop-on-oom --plot --estimate-only --measure-all --strategy --world-size --device --json --help -h" ;;
         validate)
             case "$prev" in
                 --device) COMPREPLY=(); return 0 ;;

@@ -20,6 +20,7 @@ from fsdp_batches import make_batches, step_loss
 from helpers import tiny_config, tiny_model
 
 from nanovlm_cli.checkpoint.io import load_model
+from nanovlm_cli.cli import app as app_module
 from nanovlm_cli.config import TrainConfig
 from nanovlm_cli.memory.sharding import sharded_bytes
 
@@ -175,3 +176,56 @@ def test_fsdp_checkpoint_refuses_another_strategy_in_one_line(runs):
     assert run.returncode == 1, run.stderr[-2000:]
     last = run.stderr.strip().splitlines()[-1]
     assert "written with --strategy fsdp" in last and "--strategy fsdp" in last, run.stderr[-2000:]
+
+
+def _vram(capsys, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = app_module.run(["vram", "--preset", "tiny", "--device", "cpu", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_vram_fsdp_estimates_one_rank_and_its_shards_shrink_with_the_world_size(capsys):
+    rows = {}
+    for world in (1, 2, 4):
+        code, out, err = _vram(capsys, "--strategy", "fsdp", "--world-size", str(world), "--batch-sizes", "2",
+                               "--json")
+        assert code == 0, err
+        report = json.loads(out)
+        assert "one of" in report["measured"] and report["rows"][0]["measured_peak_bytes"] is None
+        rows[world] = report["rows"][0]["estimate"]
+    for world in (2, 4):  # the CUDA estimate's fp32 shards of AdamW's moments: exactly the chunks rank 0 holds
+        assert rows[world]["optimizer"] == sharded_bytes(tiny_config(), TrainConfig(), world).optimizer
+    assert rows[1]["optimizer"] > rows[2]["optimizer"] > rows[4]["optimizer"]
+    assert rows[1]["total"] > rows[2]["total"] > rows[4]["total"]
+    assert rows[2]["activations"] == rows[4]["activations"]  # the per-rank batch is not sharded
+    code, out, _ = _vram(capsys, "--batch-sizes", "2", "--estimate-only", "--json")
+    ddp = json.loads(out)["rows"][0]["estimate"]
+    assert ddp["optimizer"] == rows[1]["optimizer"] and ddp["activations"] == rows[1]["activations"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--world-size", "2"), "only changes the estimate under --strategy fsdp"),
+    (("--strategy", "fsdp"), "pass e.g. --world-size 8"),
+    (("--strategy", "fsdp", "--world-size", "2", "--measure-all"), "drop --measure-all"),
+])
+def test_vram_fsdp_flags_that_cannot_go_together_are_one_usage_error(capsys, args, message):
+    code, _, err = _vram(capsys, *args)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err
+
+
+@pytest.mark.slow
+def test_measured_rank_shards_match_the_vram_estimate(worker, capsys):
+    # CPU, honestly: the bytes rank 0 holds at rest (parameter and AdamW shards, local DTensor sizes) against the
+    # parts of `nanovlm vram --strategy fsdp --world-size 2` that predict them; the step's peak needs a GPU
+    # allocator (benchmarks/gpu_fsdp.sh).
+    resident = json.loads((worker / "fsdp.json").read_text())["resident"]
+    code, out, err = _vram(capsys, "--strategy", "fsdp", "--world-size", "2", "--batch-sizes", "1", "--json")
+    assert code == 0, err
+    estimate = json.loads(out)["rows"][0]["estimate"]
+    assert estimate["optimizer"] == resident["optimizer"]
+    held = sharded_bytes(tiny_config(), TrainConfig(), 2)
+    assert resident["params"] == held.params
+    assert held.params < estimate["weights"] <= held.params + held.buffers + 4 * (held.root_params + 2 * held.block_params)

@@ -9,7 +9,7 @@ answers from the memory model alone.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
@@ -31,6 +31,7 @@ from nanovlm_cli.run_config import resolve_run_config
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8)
 GIB = 1024**3
+Strategy = Literal["ddp", "fsdp"]  # train's --strategy: how training is distributed; the estimate is one rank's
 
 
 def parse_batch_sizes(first: str | None, extra: list[str]) -> list[int]:
@@ -79,6 +80,12 @@ def vram(
     measure_all: Annotated[bool, typer.Option(
         "--measure-all", help="Measure every size, even those whose estimate exceeds the memory available "
                               "(skipped by default).")] = False,
+    strategy: Annotated[Strategy, typer.Option(
+        "--strategy", help="ddp: one process's memory (each DDP rank holds all of it); fsdp: one rank's estimate "
+                           "with parameters, gradients and optimizer state sharded over --world-size ranks.")
+    ] = "ddp",
+    world_size: Annotated[int | None, typer.Option(
+        "--world-size", min=1, metavar="N", help="FSDP ranks the model is sharded over (--strategy fsdp).")] = None,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
 ) -> None:
@@ -95,6 +102,7 @@ def vram(
     if estimate_only and measure_all:
         raise usage_error("--measure-all", "--estimate-only measures nothing; pass one of --estimate-only and "
                                            "--measure-all")
+    fsdp_world_size = _fsdp_world_size(strategy, world_size, measure_all)
     if plot is not None:
         check_output_file(plot, "--plot")
         check_importable("matplotlib", "--plot", "pip install 'nanovlm-cli[plot]'")
@@ -108,6 +116,7 @@ def vram(
         None if checkpoint else model_cfg, train_cfg, checkpoint=checkpoint, batch_sizes=sizes,
         images_per_sample=images_per_sample, max_memory_gib=max_batch_size_for, stop_on_oom=stop_on_oom,
         device=device, seq_len=seq_len, estimate_only=estimate_only, measure_all=measure_all,
+        fsdp_world_size=fsdp_world_size,
     )
     if plot is not None:
         plot_vram(report, as_str(plot))
@@ -117,6 +126,23 @@ def vram(
     render_report(report)
     if plot is not None:
         err.print(f"plot written to {plot}", markup=False)
+
+
+def _fsdp_world_size(strategy: Strategy, world_size: int | None, measure_all: bool) -> int | None:
+    """The ranks an FSDP estimate shards over (None: not FSDP); the flags that cannot go together are usage errors."""
+    if strategy != "fsdp":
+        if world_size is not None:
+            raise usage_error("--world-size", f"--world-size {world_size} only changes the estimate under "
+                                              "--strategy fsdp (every DDP rank holds the whole model); add "
+                                              "--strategy fsdp")
+        return None
+    if world_size is None:
+        raise usage_error("--world-size", "--strategy fsdp needs the number of ranks the model is sharded over; "
+                                          "pass e.g. --world-size 8")
+    if measure_all:
+        raise usage_error("--measure-all", "--strategy fsdp is estimated, not measured, here (measuring takes the "
+                                           "ranks: benchmarks/gpu_fsdp.sh); drop --measure-all")
+    return world_size
 
 
 def _unit(report: Any) -> tuple[str, int]:

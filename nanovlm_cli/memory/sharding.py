@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from nanovlm_cli.config import TrainConfig, VLMConfig
-from nanovlm_cli.memory.estimate import MemoryEstimate
+from nanovlm_cli.memory.estimate import MemoryEstimate, SampleShape, estimate_memory
 from nanovlm_cli.models.vlm import VisionLanguageModel
 
 
@@ -71,3 +71,28 @@ def fsdp_per_rank(estimate: MemoryEstimate, cfg: VLMConfig, train: TrainConfig, 
     return replace(estimate, weights=held.params + held.buffers + gathered, grads=held.grads + reduce,
                    optimizer=held.optimizer, autocast_cache=0)
 
+
+
+def estimate_per_rank(cfg: VLMConfig, shape: SampleShape, batch_size: int, *, train: TrainConfig, world_size: int,
+                      device_type: str = "cuda") -> MemoryEstimate:
+    """One FSDP rank's predicted peak at `batch_size` rows per rank over `world_size` ranks."""
+    one = estimate_memory(cfg, shape, batch_size, train=train, device_type=device_type)
+    return fsdp_per_rank(one, cfg, train, world_size, device_type)
+
+
+def max_batch_size_per_rank(cfg: VLMConfig, shape: SampleShape, budget_bytes: float, *, train: TrainConfig,
+                            world_size: int, device_type: str = "cuda", limit: int = 1 << 16) -> int:
+    """The largest per-rank batch size whose FSDP per-rank peak fits `budget_bytes` (0 when not even one row)."""
+    def fits(n: int) -> bool:
+        return estimate_per_rank(cfg, shape, n, train=train, world_size=world_size,
+                                 device_type=device_type).total <= budget_bytes
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    while high - low > 1:  # fits(low), not fits(high)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low

@@ -23,6 +23,7 @@ from nanovlm_cli.devices import resolve_device
 from nanovlm_cli.errors import ConfigError, NanoVLMError
 from nanovlm_cli.memory.estimate import GIB, SampleShape, estimate_memory, max_batch_size, sample_shape
 from nanovlm_cli.memory.measure import measure_in_subprocess, measure_step
+from nanovlm_cli.memory.sharding import estimate_per_rank, max_batch_size_per_rank
 
 logger = logging.getLogger(__name__)
 
@@ -122,13 +123,17 @@ def measure_vram(
     seq_len: int | None = None,
     estimate_only: bool = False,
     measure_all: bool = False,
+    fsdp_world_size: int | None = None,
 ) -> VramReport:
     """Estimate, then measure, peak training memory for each batch size.
 
     Rows hold `seq_len` tokens (default: `train_cfg.max_seq_len`, capped at the model's context, e.g. a small
     checkpoint's). A size whose estimate exceeds the available memory by `SKIP_FACTOR` is skipped unless
     `measure_all`; `estimate_only` measures no size (and needs no such device on this machine).
+    `fsdp_world_size`: each row is one rank's estimate under `--strategy fsdp` over that many ranks
+    (`memory.sharding`); nothing is measured (that takes the ranks: benchmarks/gpu_fsdp.sh).
     """
+    estimate_only = estimate_only or fsdp_world_size is not None
     if checkpoint is not None:
         model_cfg = read_model_config(resolve_source(checkpoint))
     if model_cfg is None:
@@ -141,8 +146,10 @@ def measure_vram(
     available = None if estimate_only else available_memory(dev)
     rows: list[VramRow] = []
     for n in batch_sizes:
-        cuda_estimate = estimate_memory(model_cfg, shape, n, train=train_cfg, device_type="cuda")
-        device_estimate = estimate_memory(model_cfg, shape, n, train=train_cfg, device_type=dev.type)
+        cuda_estimate, device_estimate = (
+            estimate_memory(model_cfg, shape, n, train=train_cfg, device_type=kind) if fsdp_world_size is None else
+            estimate_per_rank(model_cfg, shape, n, train=train_cfg, world_size=fsdp_world_size, device_type=kind)
+            for kind in ("cuda", dev.type))
         row = VramRow(n, None, cuda_estimate.total, False, device_estimate.total, estimate=cuda_estimate.to_dict())
         rows.append(row)
         if estimate_only:
@@ -166,9 +173,15 @@ def measure_vram(
         if m.oom and stop_on_oom:
             break
     best = None
-    if max_memory_gib is not None:
+    if max_memory_gib is not None and fsdp_world_size is not None:
+        best = max_batch_size_per_rank(model_cfg, shape, max_memory_gib * GIB, train=train_cfg,
+                                       world_size=fsdp_world_size)
+    elif max_memory_gib is not None:
         best = max_batch_size(model_cfg, shape, max_memory_gib * GIB, train=train_cfg, device_type="cuda")
-    if estimate_only:
+    if fsdp_world_size is not None:
+        measured = (f"nothing (--strategy fsdp: the memory model's estimate for one of {fsdp_world_size} ranks, "
+                    "batch size per rank)")
+    elif estimate_only:
         measured = "nothing (--estimate-only: the memory model alone)"
     elif dev.type == "cuda":
         measured = "peak allocated CUDA memory above the empty device"
