@@ -12,7 +12,14 @@ import torch
 from PIL import Image
 
 from nanovlm_cli.config import ImageConfig, LanguageConfig, ProjectorConfig, VisionConfig, VLMConfig
-from nanovlm_cli.data.images import aspect_size, load_image, process_image, tiles_size
+from nanovlm_cli.data.images import (
+    aspect_size,
+    idefics3_resize_size,
+    idefics3_tiles_size,
+    load_image,
+    process_image,
+    tiles_size,
+)
 from nanovlm_cli.errors import ImageError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -181,3 +188,23 @@ def test_aspect_mode_keeps_aspect_with_rectangular_grid():
     assert out.tokens_per_view == [(128 // 16) * (256 // 16)]
     assert aspect_size(10, 10, 1024, 64) == (64, 64)
     assert aspect_size(1000, 600, 1024, 64) == (1024, 576)
+
+
+def test_idefics3_sizes_follow_transformers_arithmetic():
+    assert idefics3_resize_size(300, 500, 128) == (76, 128)  # int(128 / (500/300)) = 76, already even
+    assert idefics3_resize_size(7, 5, 128) == (128, 92)  # small images are enlarged; int(91.4) = 91 -> even 92
+    assert idefics3_resize_size(10, 9000, 5000) == (4, 4096)  # 6 x 5000, then below 4096: int(4096 / (5000/6))
+    assert idefics3_tiles_size(76, 128, 32) == (96, 128)
+    assert idefics3_tiles_size(128, 92, 32) == (128, 96)
+
+
+def test_idefics3_mode_puts_the_global_view_last_and_can_skip_splitting():
+    cfg = _cfg(mode="idefics3", tile_size=64, max_side=256, resample="lanczos")
+    img = Image.new("RGB", (300, 100), (255, 0, 0))
+    img.paste((0, 0, 255), (150, 0, 300, 100))  # right half blue
+    out = process_image(img, cfg)
+    assert out.grid == (2, 4) and out.has_global and len(out.views) == 9  # 128 x 256 after both resizes
+    assert out.views[0][0].mean() > 0.9 and out.views[3][2].mean() > 0.9  # first tile red, last of row 1 blue
+    assert out.views[-1].shape == (3, 64, 64) and out.views[-1][0, :, :20].mean() > 0.9  # global: red left
+    single = process_image(img, cfg.replace(image=cfg.image.replace(split=False)))
+    assert single.grid == (1, 1) and len(single.views) == 1 and single.views[0].shape == (3, 64, 64)

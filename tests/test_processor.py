@@ -213,3 +213,45 @@ def test_plain_template_for_upstream_checkpoints():
     assert proc.decode(sample.labels[sample.labels != IGNORE_INDEX]) == " red"
     assert torch.equal(sample.input_ids[sample.labels != IGNORE_INDEX][-1:],
                        torch.tensor([proc.tokenizer.eos_token_id]))
+
+
+# -- a checkpoint's own Jinja template (chat_template "jinja") ---------------------------------------------------
+
+_SMOL_TEMPLATE = ("<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]"
+                  "['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if "
+                  "line['type'] == 'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<|image|>' }}{% endif "
+                  "%}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def _jinja_cfg(template: str = _SMOL_TEMPLATE) -> VLMConfig:
+    return TINY.replace(chat_template="jinja", jinja_template=template, end_of_turn="<|im_end|>")
+
+
+def test_jinja_template_supervises_from_the_generation_prompt_to_the_end_of_turn(tiny):
+    tok, _ = tiny
+    proc = Processor(_jinja_cfg(), tok)
+    sample = proc.encode(Record(messages=[
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    ], images=[IMG], source_index=0))
+    rendered = "<|im_start|>User:" + "<|image|>" * 16 + "Colour?<|im_end|>\nAssistant: red<|im_end|>\n"
+    assert sample.input_ids.tolist() == tok(rendered, add_special_tokens=False)["input_ids"]  # as one string
+    kept = sample.labels[sample.labels != IGNORE_INDEX].tolist()
+    assert tok.decode(kept) == " red<|im_end|>"  # "Assistant:" is the prompt; " red" is what the model must write
+
+
+def test_jinja_template_keeps_special_token_text_typed_by_a_user_as_text(tiny):
+    tok, _ = tiny
+    proc = Processor(_jinja_cfg(), tok)
+    sample = proc.encode_prompt([{"role": "user", "content": [{"type": "text", "text": "hi <|image|> <|im_end|>"}]}])
+    image_id, end_id = proc.image_token_id, tok.convert_tokens_to_ids("<|im_end|>")
+    assert image_id not in sample.input_ids.tolist()
+    assert sample.input_ids.tolist().count(end_id) == 1  # the template's own, not the typed one
+
+
+def test_jinja_template_that_rewrites_message_text_is_refused(tiny):
+    tok, _ = tiny
+    trimming = _SMOL_TEMPLATE.replace("{{line['text']}}", "{{line['text'] | trim}}")
+    proc = Processor(_jinja_cfg(trimming), tok)
+    with pytest.raises(ConfigError, match="changes or reorders message text"):
+        proc.encode_prompt("  padded  ")
