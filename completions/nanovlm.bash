@@ -57,7 +57,7 @@ _nanovlm() {
                 --dry-run) COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
                 --revision|--commit-message|-m|--license) COMPREPLY=(); return 0 ;;
             esac
-            opts="--private --revision --commit-message -m --dry-run --license --format --json --help -h" ;;
+            opts="--private --revision --commit-message -m --dry-run --license --format --keep-adapters --json --help -h" ;;
         export)
             opts="--json --help -h" ;;
         chat)

@@ -143,6 +143,7 @@ complete -c nanovlm -n '__fish_seen_subcommand_from push' -l commit-message -s m
 complete -c nanovlm -n '__fish_seen_subcommand_from push' -l dry-run -r -F -d 'Write the files that would be uploaded into DIR; upload nothing'
 complete -c nanovlm -n '__fish_seen_subcommand_from push' -l license -r -d 'License for the model card, e.g'
 complete -c nanovlm -n '__fish_seen_subcommand_from push' -l format -x -a 'nanovlm transformers' -d 'What to upload: the checkpoint as saved, or `nanovlm export`\'s transformers directory'
+complete -c nanovlm -n '__fish_seen_subcommand_from push' -l keep-adapters -d 'Upload a LoRA checkpoint\'s adapters unmerged (default: merged into the weights)'
 complete -c nanovlm -n '__fish_seen_subcommand_from push' -l json -d 'Print the result as JSON on stdout'
 complete -c nanovlm -n '__fish_seen_subcommand_from export' -l json -d 'Print the result as JSON on stdout'
 complete -c nanovlm -n '__fish_seen_subcommand_from export' -F

@@ -8,6 +8,7 @@ the login cache); it is never printed or logged.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -22,9 +23,10 @@ from safetensors import safe_open
 
 from nanovlm_cli.checkpoint.card import model_card
 from nanovlm_cli.checkpoint.export import check_exportable, export_transformers
-from nanovlm_cli.checkpoint.files import weight_files
-from nanovlm_cli.checkpoint.io import read_model_config
+from nanovlm_cli.checkpoint.files import read_json, weight_files
+from nanovlm_cli.checkpoint.io import CONFIG_FILE, WEIGHTS_FILE, load_model, read_model_config, save_model
 from nanovlm_cli.errors import HubError
+from nanovlm_cli.models.lora import merge_lora
 from nanovlm_cli.validation import validate_checkpoint
 
 log = logging.getLogger(__name__)
@@ -80,10 +82,22 @@ def check_repo_id(repo_id: str) -> None:
                        "'-', '_' and '.' as in myname/my-vlm") from exc
 
 
-def prepare_upload_folder(checkpoint: Path, target: Path, *, repo_id: str, license: str | None = None) -> Path:
+def _write_merged(checkpoint: Path, target: Path) -> None:
+    """A LoRA checkpoint's adapters folded into its layers (`merge_lora`): target's config.json and weights become
+    the merged model's, which loads with no adapters."""
+    loaded = load_model(checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        merged = save_model(merge_lora(loaded.model), Path(tmp) / "merged")
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copy2(merged / name, target / name)
+
+
+def prepare_upload_folder(checkpoint: Path, target: Path, *, repo_id: str, license: str | None = None,
+                          keep_adapters: bool = False) -> Path:
     """Copy the inference files of `checkpoint` into `target` with a model card naming `repo_id`.
 
     The card is generated from the checkpoint's own config, `training_summary.json` and `eval_results.json`.
+    A LoRA checkpoint's adapters are merged into the uploaded weights unless `keep_adapters`.
     """
     checkpoint = Path(checkpoint)
     cfg = read_model_config(checkpoint)
@@ -92,6 +106,9 @@ def prepare_upload_folder(checkpoint: Path, target: Path, *, repo_id: str, licen
     for item in sorted(checkpoint.iterdir()):
         if item.is_file() and item.name not in _NOT_UPLOADED and not item.name.startswith("."):
             shutil.copy2(item, target / item.name)
+    if not keep_adapters and read_json(checkpoint / CONFIG_FILE).get("lora") is not None:
+        _write_merged(checkpoint, target)
+        weights = weight_files(target)
     summary = _read_optional_json(checkpoint / "training_summary.json")
     results = _read_optional_json(checkpoint / "eval_results.json")
     n_params = 0
@@ -172,6 +189,7 @@ def push_checkpoint(
     dry_run_dir: str | Path | None = None,
     license: str | None = None,
     format: str = "nanovlm",
+    keep_adapters: bool = False,
 ) -> PushResult:
     """Validate a checkpoint directory, then upload it as one commit (create_repo + upload_folder).
 
@@ -179,14 +197,16 @@ def push_checkpoint(
     fails any of them is refused before anything is written or sent. With `dry_run_dir`, write exactly the folder
     that would be uploaded there instead and touch no network. `license` overrides the license derived from the
     base models. `format` "transformers" uploads `nanovlm export`'s directory instead of the checkpoint's own files
-    (refused before anything is written or sent when the model has no exact transformers form). The token comes
+    (refused before anything is written or sent when the model has no exact transformers form). A LoRA checkpoint
+    is uploaded with its adapters merged (W + (alpha/r)·B@A) unless `keep_adapters`. The token comes
     from HF_TOKEN or the login cache and is never printed or logged.
     """
     checkpoint = Path(checkpoint)
     check_repo_id(repo_id)
     if format not in PUSH_FORMATS:
         raise HubError(f"push format {format!r} is not one of {', '.join(PUSH_FORMATS)}")
-    prepare = prepare_transformers_folder if format == "transformers" else prepare_upload_folder
+    prepare = prepare_transformers_folder if format == "transformers" else \
+        functools.partial(prepare_upload_folder, keep_adapters=keep_adapters)
     if not (checkpoint / "config.json").is_file():
         raise HubError(f"{checkpoint} is not a checkpoint directory (no config.json); pass the directory "
                        "`nanovlm train` saved")

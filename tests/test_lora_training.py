@@ -150,3 +150,20 @@ def test_export_merges_the_adapters_and_transformers_computes_the_adapter_model(
     hf = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "hf")).eval()
     _, logits = _compare(loaded, hf, AutoProcessor.from_pretrained(str(tmp_path / "hf")), [_image(150, 60)])
     assert logits <= 1e-4, logits
+
+
+def test_push_merges_the_adapters_unless_asked_to_keep_them(tmp_path):
+    from nanovlm_cli.hub import push_checkpoint
+
+    summary = train(get_preset("tiny").model, _train_cfg(tmp_path, "p", max_steps=2, save_checkpoint_steps=2))
+    final = Path(summary.run_dir) / "final"
+    merged = push_checkpoint(final, "me/tiny-lora", dry_run_dir=tmp_path / "merged")
+    kept = push_checkpoint(final, "me/tiny-lora", dry_run_dir=tmp_path / "kept", keep_adapters=True)
+    assert "lora" not in json.loads((Path(merged.folder) / "config.json").read_text())
+    assert "lora" in json.loads((Path(kept.folder) / "config.json").read_text())
+    adapter = VisionLanguageModel.from_pretrained(final).eval()
+    plain = VisionLanguageModel.from_pretrained(merged.folder).eval()
+    assert not any(isinstance(m, LoRALinear) for m in plain.modules())
+    ids = torch.randint(5, 200, (1, 12))
+    with torch.no_grad():
+        assert (adapter.logits(adapter(ids)) - plain.logits(plain(ids))).abs().max() <= 1e-5

@@ -53,13 +53,17 @@ def push(
     format: Annotated[Literal["nanovlm", "transformers"], typer.Option(
         "--format", help="What to upload: the checkpoint as saved, or `nanovlm export`'s transformers directory.")
     ] = "nanovlm",
+    keep_adapters: Annotated[bool, typer.Option(
+        "--keep-adapters", help="Upload a LoRA checkpoint's adapters unmerged (default: merged into the weights).")
+    ] = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Validate CHECKPOINT, then upload it to the Hub as REPO_ID with a model card."""
     from nanovlm_cli.hub import push_checkpoint  # torch-free --help: the library loads on use
 
     result = push_checkpoint(checkpoint, repo_id, private=private, revision=revision, commit_message=commit_message,
-                             dry_run_dir=as_str(dry_run), license=license, format=format)
+                             dry_run_dir=as_str(dry_run), license=license, format=format,
+                             keep_adapters=keep_adapters)
     if json_output:
         print_json(result)
     else:
