@@ -364,3 +364,33 @@ def test_commands_accept_an_idefics3_checkpoint(tmp_path, capsys):
     assert code == 0
     code, out = run("push", directory, "user/model", "--dry-run", tmp_path / "upload")
     assert code == 0 and (tmp_path / "upload" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_train_preset_starts_from_the_published_smolvlm_weights(tmp_path, capsys):
+    """`nanovlm train --preset smolvlm-256m --dataset my_llava.json --image-root imgs/`, with a tiny SmolVLM standing
+    in for the Hub repository in the (offline) Hub cache: the run starts from those weights, architecture and all."""
+    import os
+    import shutil
+
+    from nanovlm_cli.cli import app as app_module
+
+    repo = Path(os.environ["HF_HUB_CACHE"]) / "models--HuggingFaceTB--SmolVLM-256M-Instruct"
+    _save_checkpoint("idefics3", repo / "snapshots" / ("1" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("1" * 40)
+    data = _llava_dataset(tmp_path / "data")
+    try:
+        code = app_module.run(["train", "--preset", "smolvlm-256m", "--dataset", str(data), "--image-root",
+                               str(data.parent / "imgs"), "--max-steps", "2", "--batch-size", "2",
+                               "--gradient-accumulation-steps", "1", "--max-seq-len", "512", "--output-dir",
+                               str(tmp_path / "runs"), "--run-name", "smol", "--max-threads", "1"])
+        assert code == 0, capsys.readouterr().err
+        final = load_model(tmp_path / "runs" / "smol" / "final")
+        source = load_model(repo / "snapshots" / ("1" * 40))
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+    assert final.cfg.hub_id == "HuggingFaceTB/SmolVLM-256M-Instruct"
+    assert final.cfg.language.hidden_dim == 64 and final.cfg.image.max_side == LONGEST  # the checkpoint's, not 576
+    trained, start = final.model.state_dict(), source.model.state_dict()
+    assert set(trained) == set(start) and any(not torch.equal(trained[k], start[k]) for k in start)
