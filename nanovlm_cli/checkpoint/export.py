@@ -17,6 +17,9 @@ One thing is adapted rather than refused: a tile size other than the encoder's t
 learned positions bicubically to the tile grid, Idefics3 looks them up by bucket; every Idefics3 view is one tile,
 so the resized table is computed once here and saved as the position embedding of a `tile_size` encoder (exact
 when Idefics3's bucketize gives a full tile the identity positions, checked by `export_problems`).
+Idefics3Processor adds <end_of_utterance> to a tokenizer that lacks it (ours do, unless imported from SmolVLM), so
+transformers would hold a token id past our embedding; the export pads the embedding and head with zero rows up to
+the processor's tokenizer and lists those ids in `suppress_tokens`, so they are never generated (no row of ours moves).
 Imported SmolVLM2 checkpoints (model_type smolvlm) export as Idefics3 too: the same architecture and image string,
 and Idefics3Processor needs no extra package (SmolVLMProcessor needs num2words and a video processor).
 """
@@ -38,6 +41,8 @@ from safetensors.torch import save_file
 from nanovlm_cli import __version__
 from nanovlm_cli.checkpoint.card import model_card
 from nanovlm_cli.checkpoint.idefics3 import (
+    HEAD_KEY,
+    TEXT_PREFIX,
     full_tile_position_ids,
     idefics3_config,
     image_processor_config,
@@ -145,10 +150,10 @@ def check_exportable(cfg: VLMConfig) -> None:
 # Configs
 
 
-def _text_config(lc: LanguageConfig, tokenizer: Any) -> dict[str, Any]:
+def _text_config(lc: LanguageConfig, tokenizer: Any, vocab_size: int) -> dict[str, Any]:
     kind = text_model_type(lc)
     common = {
-        "model_type": kind, "vocab_size": lc.total_vocab_size, "hidden_size": lc.hidden_dim,
+        "model_type": kind, "vocab_size": vocab_size, "hidden_size": lc.hidden_dim,
         "intermediate_size": lc.intermediate_dim, "num_hidden_layers": lc.n_layers,
         "num_attention_heads": lc.n_heads, "num_key_value_heads": lc.n_kv_heads, "head_dim": lc.head_dim,
         "max_position_embeddings": lc.max_position_embeddings, "rms_norm_eps": lc.rms_norm_eps,
@@ -159,24 +164,29 @@ def _text_config(lc: LanguageConfig, tokenizer: Any) -> dict[str, Any]:
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": lc.rope_theta}
     if lc.rope_scaling_factor != 1.0:
         rope = {"rope_type": "linear", "rope_theta": lc.rope_theta, "factor": lc.rope_scaling_factor}
-    if kind == _LLAMA:
-        return {**common, "hidden_act": "silu", "mlp_bias": False, "rope_parameters": rope}
+    if kind == _LLAMA:  # the architecture name published SmolVLM configs carry (llama.cpp's converter reads it)
+        return {**common, "architectures": ["VLlama3ForCausalLM"], "hidden_act": "silu", "mlp_bias": False,
+                "rope_parameters": rope}
     layer_types = list(lc.layer_types or ["full_attention"] * lc.n_layers)
     local = {"rope_type": "default", "rope_theta": lc.rope_local_theta or lc.rope_theta}
-    return {**common, "hidden_activation": "gelu_pytorch_tanh", "layer_types": layer_types,
+    return {**common, "architectures": ["Gemma3ForCausalLM"], "hidden_activation": "gelu_pytorch_tanh",
+            "layer_types": layer_types,
             "sliding_window": lc.sliding_window or lc.max_position_embeddings,
             "query_pre_attn_scalar": int(lc.query_pre_attn_scalar),  # type: ignore[arg-type]
             "final_logit_softcapping": None, "attn_logit_softcapping": None,
             "rope_parameters": {"full_attention": rope, "sliding_attention": local}}
 
 
-def hf_config(cfg: VLMConfig, tokenizer: Any, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def hf_config(cfg: VLMConfig, tokenizer: Any, dtype: torch.dtype = torch.float32,
+              vocab_size: int | None = None) -> dict[str, Any]:
     """The exported `config.json`: `idefics3_config` for a `tile_size` encoder, with the decoder's own text config
-    (`_text_config`: llama with its RoPE scaling, or gemma3_text) and the tokenizer's special-token ids."""
+    (`_text_config`: llama with its RoPE scaling, or gemma3_text) and the tokenizer's special-token ids.
+    `vocab_size` (default: the model's) counts the rows padded for tokens transformers' processor adds."""
     tile_cfg = _tile_config(cfg)
     return {
         **idefics3_config(tile_cfg), "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        "text_config": _text_config(cfg.language, tokenizer), "pad_token_id": tokenizer.pad_token_id,
+        "text_config": _text_config(cfg.language, tokenizer, vocab_size or cfg.language.total_vocab_size),
+        "pad_token_id": tokenizer.pad_token_id,
         "use_cache": True, "dtype": str(dtype).removeprefix("torch."), "transformers_version": _transformers_version(),
         "nanovlm_version": __version__,
     }
@@ -193,9 +203,9 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def generation_settings(cfg: VLMConfig, tokenizer: Any) -> dict[str, Any]:
+def generation_settings(cfg: VLMConfig, tokenizer: Any, vocab_size: int | None = None) -> dict[str, Any]:
     """`generation_config.json`: stop at the end-of-turn token first, then at whatever else ours stops at, and never
-    sample an image placeholder token (ours blocks them too: `generation.Engine`)."""
+    sample an image placeholder token (ours blocks them too: `generation.Engine`) nor a padded row."""
     from nanovlm_cli.data.processor import Processor
     from nanovlm_cli.data.tokenizer import end_of_turn_token
 
@@ -204,10 +214,12 @@ def generation_settings(cfg: VLMConfig, tokenizer: Any) -> dict[str, Any]:
     eot = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
     eos = [i for i in dict.fromkeys([eot, *stops]) if i is not None]
     vocab = tokenizer.get_vocab()
-    placeholders = {cfg.image_token_id, *(vocab[t] for t in cfg.extra_tokens if t in vocab)}
+    total = cfg.language.total_vocab_size
+    placeholders = {cfg.image_token_id, *(vocab[t] for t in cfg.extra_tokens if t in vocab),
+                    *range(total, vocab_size or total)}
     return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos if len(eos) > 1 else eos[0],
             "pad_token_id": tokenizer.pad_token_id,
-            "suppress_tokens": sorted(i for i in placeholders if i is not None and i < cfg.language.total_vocab_size),
+            "suppress_tokens": sorted(i for i in placeholders if i is not None and i < (vocab_size or total)),
             "transformers_version": _transformers_version()}
 
 
@@ -250,30 +262,46 @@ def _read_optional_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_processor(cfg: VLMConfig, tokenizer: Any, directory: Path) -> None:
-    """Tokenizer files, chat_template.jinja, processor_config.json and preprocessor_config.json."""
+def _processor(cfg: VLMConfig, tokenizer: Any) -> Any:
+    """Idefics3Processor over a copy of our tokenizer (its constructor adds <end_of_utterance> when it is missing)."""
     from transformers import Idefics3ImageProcessor, Idefics3Processor
 
     from nanovlm_cli.data.tokenizer import chat_template_jinja
 
-    tokenizer = copy.deepcopy(tokenizer)  # the processor adds its special tokens to the tokenizer it is given
+    tokenizer = copy.deepcopy(tokenizer)
     template = tokenizer.chat_template or chat_template_jinja(cfg.chat_template, IMAGE_TOKEN)
     tokenizer.chat_template = template
     image_processor = Idefics3ImageProcessor(**image_processor_config(cfg))
-    processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=cfg.image_tokens_per_tile,
-                                  chat_template=template)
+    return Idefics3Processor(image_processor, tokenizer, image_seq_len=cfg.image_tokens_per_tile,
+                             chat_template=template)
+
+
+def _write_processor(processor: Any, directory: Path) -> None:
+    """Tokenizer files, chat_template.jinja, processor_config.json and preprocessor_config.json."""
     processor.save_pretrained(str(directory))
-    image_processor.save_pretrained(str(directory))  # preprocessor_config.json: older readers, llama.cpp's converter
+    processor.image_processor.save_pretrained(str(directory))  # preprocessor_config.json: llama.cpp's converter
+
+
+def _pad_vocabulary(state: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """Zero embedding (and head) rows up to `rows`, for tokens transformers' processor adds (see the module docstring)."""
+    for key in (f"{TEXT_PREFIX}embed_tokens.weight", HEAD_KEY):
+        if key in state and state[key].shape[0] < rows:
+            weight = state[key]
+            state[key] = torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
+    return state
 
 
 def _write_files(loaded: LoadedModel, tmp: Path, source_dir: Path | None) -> tuple[int, str]:
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
-    state = hf_state_dict(loaded.model, cfg)
+    processor = _processor(cfg, tokenizer)
+    vocab = max(cfg.language.total_vocab_size, max(processor.tokenizer.get_vocab().values()) + 1)
+    state = _pad_vocabulary(hf_state_dict(loaded.model, cfg), vocab)
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "nanovlm_version": __version__})
-    config = hf_config(cfg, tokenizer, next(iter(state.values())).dtype)
+    config = hf_config(cfg, tokenizer, next(iter(state.values())).dtype, vocab_size=vocab)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    _write_processor(cfg, tokenizer, tmp)
-    (tmp / "generation_config.json").write_text(json.dumps(generation_settings(cfg, tokenizer), indent=2) + "\n")
+    _write_processor(processor, tmp)
+    generation = generation_settings(cfg, tokenizer, vocab_size=vocab)
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     summary = _read_optional_json(source_dir / "training_summary.json") if source_dir else None
     results = _read_optional_json(source_dir / "eval_results.json") if source_dir else None
     n_params = sum(p.numel() for p in loaded.model.parameters())
