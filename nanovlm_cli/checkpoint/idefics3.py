@@ -199,8 +199,10 @@ def config_from_idefics3(config: Mapping[str, Any], *, image_processor: Mapping[
     if text_type != "llama":
         raise CheckpointError(f"{model_type} text_config.model_type={text_type!r} is not supported; only a Llama "
                               "decoder (SmolLM2) loads")
-    # transformers ties the head by the top-level flag (Idefics3Config: false unless set)
-    tied = bool(config.get("tie_word_embeddings", False))
+    # transformers 5 ties the head by the top-level flag (Idefics3Config: false unless set, and every config it
+    # writes has it); a config without one (older writers) follows its text_config, as transformers 4 did
+    tied = config.get("tie_word_embeddings")
+    tied = bool(text_raw.get("tie_word_embeddings", False) if tied is None else tied)
     language = language_config_from_hf({**text_raw, "model_type": "llama", "tie_word_embeddings": tied})
     factor = int(config.get("scale_factor", 2))
     image = _image_config(image_processor)
