@@ -222,8 +222,8 @@ def check_resumable(checkpoint: Path, info: DistInfo) -> None:
     saved = int(json.loads(meta.read_text())["world_size"])
     if saved != info.world_size:
         raise TrainingError(f"{checkpoint} was written by {saved} FSDP processes and this run has "
-                            f"{info.world_size}; exact resume needs the same world size: torchrun "
-                            f"--nproc-per-node {saved} (or start a new run from its model.safetensors)")
+                            f"{info.world_size}; resume it with the same number of processes: torchrun "
+                            f"--nproc-per-node {saved} ... --strategy fsdp")
 
 
 def load_checkpoint(model: VisionLanguageModel, optimizer: torch.optim.Optimizer, checkpoint: Path,

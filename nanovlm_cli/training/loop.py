@@ -163,6 +163,7 @@ class TrainingRecipe:
         checkpoint: Path | None = None
         if cfg.resume:
             checkpoint, self.run_dir = st.find_resume_checkpoint(cfg.resume)
+            fsdp.check_resume_strategy(checkpoint, cfg.strategy == "fsdp", info)  # before any work starts
         else:
             self.run_dir = _run_dir(cfg)
         self._setup_model(model_cfg, checkpoint)
@@ -248,7 +249,6 @@ class TrainingRecipe:
     def load_checkpoint_state(self, saved: RunState, checkpoint: Path) -> None:
         """Restore optimizer, schedule, data position and this rank's RNG from a saved run state."""
         # SEAM (FSDP2, LoRA): checkpoint state is restored here (gathered in save_checkpoint).
-        fsdp.check_resume_strategy(checkpoint, fsdp.is_sharded(self.model), self.info)
         if fsdp.is_sharded(self.model):
             fsdp.load_checkpoint(self.model, self.optimizer, checkpoint, self.info)
         else:
