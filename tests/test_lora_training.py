@@ -167,3 +167,22 @@ def test_push_merges_the_adapters_unless_asked_to_keep_them(tmp_path):
     ids = torch.randint(5, 200, (1, 12))
     with torch.no_grad():
         assert (adapter.logits(adapter(ids)) - plain.logits(plain(ids))).abs().max() <= 1e-5
+
+
+def test_train_command_takes_the_lora_flags_and_logs_the_counts(tmp_path, capsys):
+    from nanovlm_cli.cli import app as app_module
+
+    code = app_module.run(["train", "--preset", "tiny", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0.05",
+                           "--lora-targets", "language,vision", "--no-lora-train-projector", "--max-steps", "2",
+                           "--dataset-size", "100", "--batch-size", "4", "--eval-size", "0", "--num-workers", "0",
+                           "--max-threads", "1", "--output-dir", str(tmp_path), "--run-name", "cli", "--no-dashboard"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert f"{summary['n_params_trainable']:,} trainable / {summary['n_params_frozen']:,} frozen" in captured.err
+    lora = json.loads((tmp_path / "cli" / "final" / "config.json").read_text())["lora"]
+    assert (lora["r"], lora["alpha"], lora["dropout"]) == (4, 8.0, 0.05)
+    assert any(m.startswith("vision.") for m in lora["modules"]) and any(m.startswith("language.") for m in lora["modules"])
+    model = VisionLanguageModel.from_pretrained(tmp_path / "cli" / "final")
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert summary["n_params_trainable"] == adapters  # the projector stayed frozen
