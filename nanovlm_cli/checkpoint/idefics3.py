@@ -7,6 +7,11 @@ from the SigLIP and Llama tables of `hf_vision` / `hf_language`: an unknown key 
 it, in both directions. Only two tensors change layout: the position table is (g*g, D) there and (1, g*g, D) here,
 and a tied `lm_head.weight` is not stored here.
 
+The public functions, both directions: `key_table` (theirs -> ours), `idefics3_to_ours` / `ours_to_idefics3` (state
+dicts), `config_from_idefics3` / `read_idefics3_config` (config.json + image processor + chat template -> VLMConfig)
+and `idefics3_config` / `image_processor_config` (VLMConfig -> their config.json / image-processor fields).
+`checkpoint.io` loads these checkpoints through `checkpoint_kind` ("idefics3") like any other.
+
 Facts checked against transformers' own code (and by tests/test_idefics3.py):
 - `Idefics3Connector.pixel_shuffle` groups f x f blocks with channels ordered (row-in-block, col-in-block, C) and
   tokens row-major over the blocks, which is `models.projector.pixel_shuffle`, so the projector maps 1:1.
