@@ -9,6 +9,9 @@ input_ids, pixels, logits and greedy answers as ours. Measured differences are p
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -384,3 +387,60 @@ def test_cli_export_then_push_format_transformers_dry_run(tmp_path, cli):
                           "--format", "transformers", "--dry-run", str(tmp_path / "refused"))
     assert code == 1 and "cannot export to transformers" in stderr and not (tmp_path / "refused").exists()
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# llama.cpp: its convert_hf_to_gguf.py reads the export (text model, and the vision part with --mmproj)
+
+LLAMA_CPP = Path(os.environ.get("NANOVLM_LLAMA_CPP", Path.home() / ".cache" / "nanovlm" / "llama.cpp"))
+# Run the converter with one change: the tiny test tokenizer is unknown to its pre-tokenizer table (real SmolLM2
+# tokenizers are listed, as "smollm"), so the check that names it is answered with SmolLM2's name.
+CONVERT = """
+import runpy, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/gguf-py"]
+import conversion.base
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "smollm"
+script, sys.argv = sys.argv[1] + "/convert_hf_to_gguf.py", [sys.argv[1] + "/convert_hf_to_gguf.py", *sys.argv[2:]]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_llama_cpp_converter_reads_the_export(tmp_path):
+    if not (LLAMA_CPP / "convert_hf_to_gguf.py").is_file():
+        pytest.skip(f"llama.cpp's converter is not in {LLAMA_CPP}; `bash scripts/get_llama_cpp.sh` fetches it from "
+                    "PyPI (llama-cpp-python's source distribution) and sets up sentencepiece")
+    torch.manual_seed(0)
+    loaded = build_model(idefics3_tiny(), load_backbones=False)
+    out = tmp_path / "hf"
+    export_transformers(loaded, out)
+    files = {"text": tmp_path / "text.gguf", "mmproj": tmp_path / "mmproj.gguf"}
+    for kind, target in files.items():
+        args = [str(out), "--outtype", "f32", "--outfile", str(target), *(["--mmproj"] if kind == "mmproj" else [])]
+        run = subprocess.run([sys.executable, "-c", CONVERT, str(LLAMA_CPP), *args], capture_output=True, text=True,
+                             timeout=600, check=False)
+        assert run.returncode == 0 and target.is_file(), run.stderr[-3000:]
+    sys.path.insert(0, str(LLAMA_CPP / "gguf-py"))
+    try:
+        from gguf import GGUFReader
+    finally:
+        sys.path.remove(str(LLAMA_CPP / "gguf-py"))
+    ours = loaded.model.state_dict()
+
+    def tensors(path: Path) -> dict[str, torch.Tensor]:
+        return {t.name: torch.from_numpy(np.array(t.data)) for t in GGUFReader(str(path)).tensors}
+
+    vision, text = tensors(files["mmproj"]), tensors(files["text"])
+    assert torch.equal(vision["mm.model.fc.weight"], ours["projector.proj.weight"])
+    assert torch.equal(vision["v.position_embd.weight"], ours["vision.pos_embed"][0])
+    assert torch.equal(vision["v.blk.2.attn_q.weight"], ours["vision.blocks.2.attn.q_proj.weight"])
+    assert torch.equal(vision["v.post_ln.weight"], ours["vision.norm.weight"])
+    embedding = ours["language.embed_tokens.weight"]
+    assert torch.equal(text["token_embd.weight"][: embedding.shape[0]], embedding)
+    assert not text["token_embd.weight"][embedding.shape[0]:].any()  # the padded <end_of_utterance> row
+    assert torch.equal(text["blk.3.ffn_down.weight"], ours["language.blocks.3.mlp.down_proj.weight"])
+    assert torch.equal(text["output_norm.weight"], ours["language.norm.weight"])
+    fields = GGUFReader(str(files["mmproj"])).fields
+    value = lambda name: fields[name].parts[fields[name].data[0]].tolist()
+    assert value("clip.vision.projector.scale_factor") == [2] and value("clip.vision.image_size") == [64]
+    assert value("clip.vision.preproc_image_size") == [128]
+    print(f"llama.cpp: {len(text)} text and {len(vision)} vision tensors converted, the checked ones identical")
