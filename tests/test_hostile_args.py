@@ -135,6 +135,10 @@ def test_checkpoint_config_with_a_string_size_fails_generate_and_validate_in_one
 @pytest.fixture
 def cpu_only(monkeypatch):
     """This machine as a CPU-only one, whatever it really has."""
+    # torch._dynamo reads torch.backends.mps.is_available.__wrapped__ when it is first imported (the vram estimate
+    # path imports it lazily): import it before the plain-lambda patch, or a test run on its own fails there.
+    import torch._dynamo  # noqa: F401
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
 
