@@ -112,31 +112,39 @@ def _train_args(tmp_path: Path, name: str, batch_size: int, *extra: str) -> list
             "--device", "cpu", "--max-threads", "1", *extra]
 
 
+ACCUMULATE = ("--strategy", "fsdp", "--gradient-accumulation-steps", "2")
+
+
 def _metrics(tmp_path: Path, name: str) -> list[dict]:
     return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """One process with batch 4; DDP and FSDP with 2 processes of batch 2 (the same samples per step)."""
+    """One process with batch 4; DDP and FSDP with 2 processes of batch 2, and FSDP with 2 processes accumulating
+    2 micro-batches of 1 (the same samples per step in all four)."""
     tmp = tmp_path_factory.mktemp("fsdp_runs")
     subprocess.run([sys.executable, *_train_args(tmp, "single", 4)], check=True, env=ENV, cwd=REPO,
                    capture_output=True)
-    for port, name in ((29542, "ddp"), (29543, "fsdp")):
-        run = subprocess.run([*_torchrun(port), *_train_args(tmp, name, 2, "--strategy", name)[1:]], env=ENV,
-                             cwd=REPO, capture_output=True, text=True, check=False)
-        assert run.returncode == 0, run.stderr[-3000:]
+    for port, name, args in ((29542, "ddp", _train_args(tmp, "ddp", 2, "--strategy", "ddp")),
+                             (29543, "fsdp", _train_args(tmp, "fsdp", 2, "--strategy", "fsdp")),
+                             (29546, "accum", _train_args(tmp, "accum", 1, *ACCUMULATE))):
+        run = subprocess.run([*_torchrun(port), *args[1:]], env=ENV, cwd=REPO, capture_output=True, text=True,
+                             check=False)
+        assert run.returncode == 0, (name, run.stderr[-3000:])
     return tmp
 
 
 @pytest.mark.slow
 def test_fsdp_with_batch_b_on_two_processes_equals_one_process_with_2b_and_ddp(runs):
-    single, ddp, fsdp = (_metrics(runs, n) for n in ("single", "ddp", "fsdp"))
+    single, ddp, fsdp, accum = (_metrics(runs, n) for n in ("single", "ddp", "fsdp", "accum"))
     assert [x["step"] for x in fsdp] == [1, 2, 3, 4]  # only rank 0 writes
-    assert [x["samples_seen"] for x in fsdp] == [x["samples_seen"] for x in single]
-    for a, b, c in zip(single, ddp, fsdp, strict=True):
+    assert [x["samples_seen"] for x in fsdp] == [x["samples_seen"] for x in single] == [x["samples_seen"]
+                                                                                        for x in accum]
+    for a, b, c, d in zip(single, ddp, fsdp, accum, strict=True):
         assert abs(a["loss"] - c["loss"]) <= 1e-5, (a["loss"], c["loss"])
         assert abs(b["loss"] - c["loss"]) <= 1e-5, (b["loss"], c["loss"])
+        assert abs(a["loss"] - d["loss"]) <= 1e-5, (a["loss"], d["loss"])  # gradient accumulation under FSDP
     shards = runs / "fsdp" / "final" / "sharded"
     assert (shards / "__0_0.distcp").is_file() and (shards / "__1_0.distcp").is_file()
     wa = load_model(runs / "single" / "final").model.state_dict()
@@ -150,7 +158,7 @@ def test_fsdp_with_batch_b_on_two_processes_equals_one_process_with_2b_and_ddp(r
 def test_fsdp_run_stopped_by_sigterm_resumes_from_its_shards_and_reproduces_the_losses(runs):
     log = runs / "cut.log"
     with log.open("w") as sink:
-        proc = subprocess.Popen([*_torchrun(29544), *_train_args(runs, "cut", 2, "--strategy", "fsdp")[1:]],
+        proc = subprocess.Popen([*_torchrun(29544), *_train_args(runs, "cut", 1, *ACCUMULATE)[1:]],
                                 env=ENV, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     metrics, deadline = runs / "cut" / "metrics.jsonl", time.time() + 150
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
@@ -165,7 +173,7 @@ def test_fsdp_run_stopped_by_sigterm_resumes_from_its_shards_and_reproduces_the_
     resumed = subprocess.run([*_torchrun(29545), "-m", "nanovlm_cli", "train", "--resume", str(runs / "cut")],
                              env=ENV, cwd=REPO, capture_output=True, text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [x["loss"] for x in _metrics(runs, "cut")] == [x["loss"] for x in _metrics(runs, "fsdp")]
+    assert [x["loss"] for x in _metrics(runs, "cut")] == [x["loss"] for x in _metrics(runs, "accum")]
 
 
 @pytest.mark.slow

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -46,9 +45,7 @@ from nanovlm_cli.checkpoint.io import save_model
 from nanovlm_cli.config import TrainConfig, VLMConfig
 from nanovlm_cli.distributed import DistInfo
 from nanovlm_cli.errors import ConfigError, TrainingError
-from nanovlm_cli.models.vlm import VisionLanguageModel, compile_blocks
-
-log = logging.getLogger(__name__)
+from nanovlm_cli.models.vlm import VisionLanguageModel, compile_blocks, eval_mode
 
 SHARDED_DIR = "sharded"  # DCP files of a sharded checkpoint: __<rank>_0.distcp per rank + .metadata
 FSDP_FILE = "fsdp.json"  # {"world_size": N} of the run that wrote the shards
@@ -113,7 +110,6 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
 def validation_loss(model: VisionLanguageModel, batches: list, device: torch.device, info: DistInfo) -> float | None:
     """Token-weighted validation loss over every rank's share, as `training.loop.validation_loss`.
 
@@ -128,16 +124,14 @@ def validation_loss(model: VisionLanguageModel, batches: list, device: torch.dev
     if not batches:
         raise TrainingError(f"rank {info.rank} has no validation batch while another rank has {most}; under "
                             f"--strategy fsdp pass --validation-batches {info.world_size} or more")
-    was_training = model.training
-    model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
-    for i in range(most):
-        with _autocast(device):
-            out = model.loss(batches[min(i, len(batches) - 1)].to(device))
-        if i < len(batches):
-            totals += torch.tensor([float(out.loss_sum), out.n_tokens], dtype=torch.float64)
+    with eval_mode(model):
+        for i in range(most):
+            with _autocast(device):
+                out = model.loss(batches[min(i, len(batches) - 1)].to(device))
+            if i < len(batches):
+                totals += torch.tensor([float(out.loss_sum), out.n_tokens], dtype=torch.float64)
     reshard(model)  # the root and the last block stay gathered after a forward without backward
-    model.train(was_training)
     dist.all_reduce(totals)
     return float(totals[0] / totals[1]) if totals[1] else None
 
