@@ -129,6 +129,14 @@ def test_fsdp_with_lora_is_refused_in_one_line():
     check_fsdp_config(TrainConfig())  # full fine-tuning passes
 
 
+
+def test_train_with_fsdp_and_lora_is_refused_before_any_work(tmp_path):
+    cfg = _train_cfg(tmp_path, "fsdp", strategy="fsdp")
+    with pytest.raises(ConfigError, match="--strategy fsdp does not train LoRA adapters"):
+        train(get_preset("tiny").model, cfg)
+    assert not (tmp_path / "fsdp").exists()  # nothing was written
+
+
 def test_export_merges_the_adapters_and_transformers_computes_the_adapter_model(tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
