@@ -274,6 +274,18 @@ def test_import_then_export_gives_the_source_tensors(tmp_path):
     assert diff == 0.0
 
 
+def test_an_export_loads_back_into_nanovlm_with_the_same_weights(trained):
+    loaded, out, _, _ = trained
+    again = load_model(out)  # the Idefics3 reader every command uses
+    ours, back = loaded.model.state_dict(), again.model.state_dict()
+    assert set(ours) == set(back)
+    rows = loaded.cfg.language.total_vocab_size  # then the zero row of <end_of_utterance>
+    assert all(torch.equal(ours[k], back[k] if back[k].shape == ours[k].shape else back[k][:rows]) for k in ours)
+    fields = ("mode", "tile_size", "max_side", "resample", "split", "mean", "std")  # (max_grid: unused by idefics3)
+    assert [getattr(again.cfg.image, f) for f in fields] == [getattr(loaded.cfg.image, f) for f in fields]
+    assert again.cfg.image_token_id == loaded.cfg.image_token_id
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Refusals: one line naming the reason and the fix, exit 1, nothing written
 
