@@ -41,11 +41,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: a gloo smoke run of this script (no memory peaks)")
     args = parser.parse_args()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl")
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
     info = DistInfo(rank, world, device.index)
     cfg = MODELS[args.model][0]  # carries its image token id (benchmarks/memory.scaled)
     train = TrainConfig(lr_mp=1e-3, lr_vision=1e-4, lr_language=1e-4)
@@ -56,18 +60,17 @@ def main() -> None:
         fsdp.shard_model(model, device, info)
         runner = model
     else:
-        runner = torch.nn.parallel.DistributedDataParallel(_Loss(model), device_ids=[device.index],
+        runner = torch.nn.parallel.DistributedDataParallel(_Loss(model), device_ids=[device.index] if cuda else None,
                                                            find_unused_parameters=True)
     optimizer = build_optimizer(model, train, device)
     losses = []
     for step in range(args.steps):
-        if step == 1:
+        if step == 1 and cuda:
             torch.cuda.reset_peak_memory_stats(device)  # the first step allocates AdamW's state
         batches = [synthetic_batch(cfg, shape, args.batch_size, seed=1000 * step + r) for r in range(world)]
         total = sum(int(loss_targets(b)[1].sum()) for b in batches)
         batch = batches[rank].to(device)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-        with autocast:
+        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
             loss_sum = runner(batch) if args.strategy == "ddp" else model.loss(batch).loss_sum
         (loss_sum * world / total).backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -76,15 +79,15 @@ def main() -> None:
         summed = loss_sum.detach().double()
         dist.all_reduce(summed)
         losses.append(float(summed) / total)
-    peak = torch.tensor([torch.cuda.max_memory_allocated(device)], device=device)
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device) if cuda else 0], device=device)
     every = [torch.zeros_like(peak) for _ in range(world)]
     dist.all_gather(every, peak)
-    one = estimate_memory(cfg, shape, args.batch_size, train=train, device_type="cuda")
-    per_rank = fsdp_per_rank(one, cfg, train, world, "cuda") if args.strategy == "fsdp" else one
+    one = estimate_memory(cfg, shape, args.batch_size, train=train, device_type=device.type)
+    per_rank = fsdp_per_rank(one, cfg, train, world, device.type) if args.strategy == "fsdp" else one
     if rank == 0:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "strategy": args.strategy, "world_size": world, "model": args.model, "gpu": torch.cuda.get_device_name(),
+            "strategy": args.strategy, "world_size": world, "model": args.model, "gpu": torch.cuda.get_device_name() if cuda else "cpu",
             "n_params": sum(p.numel() for p in model.parameters()), "losses": losses,
             "peak_bytes_per_rank": [int(t.item()) for t in every], "estimate_per_rank": per_rank.to_dict(),
             "shards_rank0": vars(sharded_bytes(cfg, train, world)) if args.strategy == "fsdp" else None,

@@ -10,7 +10,7 @@
 #   NPROC=2 STEPS="lib" bash benchmarks/gpu_fsdp.sh
 set -u
 OUT=${OUT:-/tmp/nanovlm_gpu_fsdp}
-RESULTS=benchmarks/results
+RESULTS=${RESULTS:-benchmarks/results}
 mkdir -p "$OUT" "$RESULTS"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
@@ -42,8 +42,8 @@ cli_step() {
     sleep 0.2
   done
   kill -TERM $pid; wait $pid
-  timeout ${CLI_TIMEOUT:-120} $TORCHRUN -m nanovlm_cli $args --strategy fsdp --run-name resumed \
-    --save-checkpoint-steps 5 --resume "$OUT/runs/resumed" >>"$LOG" 2>&1 || say "resume exited $?"
+  timeout ${CLI_TIMEOUT:-120} $TORCHRUN -m nanovlm_cli train --resume "$OUT/runs/resumed" >>"$LOG" 2>&1 \
+    || say "resume exited $?"
   $PY -c "from PIL import Image, ImageDraw; i = Image.new('RGB', (64, 64), 'white'); \
 ImageDraw.Draw(i).ellipse((10, 10, 54, 54), fill='red'); i.save('$OUT/red_circle.png')"
   $PY -m nanovlm_cli generate "$OUT/red_circle.png" "What colour is the shape?" \
