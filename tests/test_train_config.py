@@ -98,7 +98,7 @@ def test_saved_run_config_of_the_flat_format_still_resumes():
     """A run_config.json written before the fields were grouped (committed fixture) resumes with its values."""
     saved = json.loads((FIXTURE / "run_config.json").read_text())
     model, train = resolve_resume_config(FIXTURE, overrides={"max_steps": 9})
-    expected = {**saved["train"], "max_steps": 9, "resume": str(FIXTURE)}
+    expected = {**TrainConfig().to_dict(), **saved["train"], "max_steps": 9, "resume": str(FIXTURE)}  # newer: defaults
     assert train.to_dict() == expected
     assert (train.batch_size, train.lr_vision, train.freeze_vision_encoder, train.seed) == (3, 0.0, True, 7)
     assert model.language.n_layers == saved["model"]["language"]["n_layers"]
