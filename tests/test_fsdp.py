@@ -22,7 +22,10 @@ from helpers import tiny_config, tiny_model
 from nanovlm_cli.checkpoint.io import load_model
 from nanovlm_cli.cli import app as app_module
 from nanovlm_cli.config import TrainConfig
+from nanovlm_cli.distributed import DistInfo
+from nanovlm_cli.errors import ConfigError
 from nanovlm_cli.memory.sharding import sharded_bytes
+from nanovlm_cli.training import fsdp
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -237,3 +240,12 @@ def test_measured_rank_shards_match_the_vram_estimate(worker, capsys):
     held = sharded_bytes(tiny_config(), TrainConfig(), 2)
     assert resident["params"] == held.params
     assert held.params < estimate["weights"] <= held.params + held.buffers + 4 * (held.root_params + 2 * held.block_params)
+
+
+def test_fsdp_refuses_what_it_cannot_train_in_one_line():
+    with pytest.raises(ConfigError, match="cannot use --optimizer muon") as muon:
+        fsdp.check_fsdp_config(TrainConfig(optimizer="muon"))
+    assert "\n" not in str(muon.value)
+    with pytest.raises(ConfigError, match="not on mps; use --device cuda or --device cpu"):
+        fsdp.shard_model(tiny_model().model, torch.device("mps"), DistInfo())
+    fsdp.check_fsdp_config(TrainConfig())

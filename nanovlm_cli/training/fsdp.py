@@ -77,6 +77,9 @@ def shard_model(model: VisionLanguageModel, device: torch.device, info: DistInfo
     process (no torchrun) gets a process group of one, so the same code path (mixed precision, sharded checkpoints)
     runs on one GPU; `distributed.shutdown` destroys it.
     """
+    if device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"--strategy fsdp runs on CUDA (NCCL) or the CPU (gloo), not on {device.type}; use "
+                          "--device cuda or --device cpu, or --strategy ddp")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
