@@ -119,7 +119,8 @@ def validation_loss(model: VisionLanguageModel, batches: list, device: torch.dev
     Under FSDP each forward is a collective, so every rank runs as many as the rank with the most batches; a rank
     with fewer repeats its first batch and leaves it out of the sum.
     """
-    counts = torch.tensor([len(batches)], dtype=torch.int64)
+    home = device if device.type == "cuda" else torch.device("cpu")  # NCCL reduces CUDA tensors only
+    counts = torch.tensor([len(batches)], dtype=torch.int64, device=home)
     dist.all_reduce(counts, op=dist.ReduceOp.MAX)
     most = int(counts.item())
     if most == 0:
@@ -127,13 +128,13 @@ def validation_loss(model: VisionLanguageModel, batches: list, device: torch.dev
     if not batches:
         raise TrainingError(f"rank {info.rank} has no validation batch while another rank has {most}; under "
                             f"--strategy fsdp pass --validation-batches {info.world_size} or more")
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(2, dtype=torch.float64, device=home)
     with eval_mode(model):
         for i in range(most):
             with _autocast(device):
                 out = model.loss(batches[min(i, len(batches) - 1)].to(device))
             if i < len(batches):
-                totals += torch.tensor([float(out.loss_sum), out.n_tokens], dtype=torch.float64)
+                totals += torch.tensor([float(out.loss_sum), out.n_tokens], dtype=torch.float64, device=home)
     reshard(model)  # the root and the last block stay gathered after a forward without backward
     dist.all_reduce(totals)
     return float(totals[0] / totals[1]) if totals[1] else None
