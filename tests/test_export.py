@@ -37,7 +37,9 @@ from nanovlm_cli.checkpoint.io import build_model, load_model, save_model
 from nanovlm_cli.cli import app as app_module
 from nanovlm_cli.config import IMAGENET_MEAN, IMAGENET_STD, ImageConfig, VisionConfig, VLMConfig
 from nanovlm_cli.data.processor import Processor
+from nanovlm_cli.data.sample import Record
 from nanovlm_cli.data.shapes import render_example
+from nanovlm_cli.data.tokenizer import end_of_turn_token
 from nanovlm_cli.generation import Engine, SamplingConfig, generate_text
 from nanovlm_cli.presets import get_preset
 from nanovlm_cli.training import train
@@ -284,6 +286,14 @@ def test_an_export_loads_back_into_nanovlm_with_the_same_weights(trained):
     fields = ("mode", "tile_size", "max_side", "resample", "split", "mean", "std")  # (max_grid: unused by idefics3)
     assert [getattr(again.cfg.image, f) for f in fields] == [getattr(loaded.cfg.image, f) for f in fields]
     assert again.cfg.image_token_id == loaded.cfg.image_token_id
+    # fine-tuning the re-import masks the same labels: its turns end where ours do (<|im_end|> for this ChatML model)
+    assert again.cfg.end_of_turn == end_of_turn_token(loaded.cfg.chat_template) == "<|im_end|>"
+    record = Record(messages=_question(1) + [{"role": "assistant", "content": [{"type": "text", "text": "a red one"}]}],
+                    images=[_image(64, 64)])
+    mine = Processor(loaded.cfg, loaded.tokenizer).encode(record)
+    theirs = Processor(again.cfg, again.tokenizer).encode(record)
+    assert torch.equal(mine.input_ids, theirs.input_ids) and torch.equal(mine.labels, theirs.labels)
+    assert mine.n_supervised > 0
 
 
 # ----------------------------------------------------------------------------------------------------------------

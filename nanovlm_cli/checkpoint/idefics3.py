@@ -225,7 +225,7 @@ def config_from_idefics3(config: Mapping[str, Any], *, image_processor: Mapping[
                               "chat_template in tokenizer_config.json); it is needed to build prompts")
     cfg = VLMConfig(
         vision=vision, language=language, projector=ProjectorConfig(pixel_shuffle_factor=factor), image=image,
-        chat_template="jinja", jinja_template=chat_template, end_of_turn="<end_of_utterance>",
+        chat_template="jinja", jinja_template=chat_template, end_of_turn=_end_of_turn(chat_template),
         image_token="<image>", global_image_token="<global-img>", fake_image_token="<fake_token_around_image>",
         image_token_id=config.get("image_token_id"), max_images_per_sample=8,
     )
@@ -234,6 +234,16 @@ def config_from_idefics3(config: Mapping[str, Any], *, image_processor: Mapping[
                               "tokens a tile makes ((image_size / patch_size)^2 / scale_factor^2); fix "
                               "processor_config.json")
     return cfg
+
+
+# End-of-turn markers a chat template may close its turns with: SmolVLM's own, then ChatML and Gemma's (what
+# `nanovlm export` writes for models trained with those templates).
+END_OF_TURN_MARKERS = ("<end_of_utterance>", "<|im_end|>", "<end_of_turn>")
+
+
+def _end_of_turn(chat_template: str) -> str:
+    """The end-of-turn token the checkpoint's own template closes turns with (labels are masked up to it)."""
+    return next((marker for marker in END_OF_TURN_MARKERS if marker in chat_template), END_OF_TURN_MARKERS[0])
 
 
 def idefics3_config(cfg: VLMConfig) -> dict[str, Any]:
