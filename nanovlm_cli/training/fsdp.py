@@ -73,13 +73,16 @@ def shard_model(model: VisionLanguageModel, device: torch.device, info: DistInfo
     """Apply `fully_shard` to every decoder block, then to the model (the root), in place; returns the model.
     `compile`: `torch.compile` the blocks first (`models.vlm.compile_blocks`; compiled, then sharded, as torchtitan).
 
-    Call it after freezing and before building the optimizer: the parameters become new `DTensor` objects. A single
-    process (no torchrun) gets a process group of one, so the same code path (mixed precision, sharded checkpoints)
-    runs on one GPU; `distributed.shutdown` destroys it.
+    Call it after freezing and before building the optimizer: the parameters become new `DTensor` objects. The model
+    may wait on the CPU: `fully_shard` moves it to `device` one unit at a time and keeps each rank's shards, so a
+    model too big for one GPU never lands on one whole. A single process (no torchrun) gets a process group of one,
+    so the same code path (mixed precision, sharded checkpoints) runs on one GPU; `distributed.shutdown` destroys it.
     """
     if device.type not in ("cuda", "cpu"):
         raise ConfigError(f"--strategy fsdp runs on CUDA (NCCL) or the CPU (gloo), not on {device.type}; use "
                           "--device cuda or --device cpu, or --strategy ddp")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the mesh (and so every shard) lives on the current CUDA device
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)

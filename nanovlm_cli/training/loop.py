@@ -193,10 +193,11 @@ class TrainingRecipe:
 
     def _setup_model(self, model_cfg: VLMConfig, checkpoint: Path | None) -> None:
         """The model to train: the resumed checkpoint's, or a new one from `model_cfg` (pretrained backbones)."""
+        device = torch.device("cpu") if self.cfg.strategy == "fsdp" else self.device  # FSDP moves only its shards
         if checkpoint is not None:
-            loaded = load_model(checkpoint, device=self.device)
+            loaded = load_model(checkpoint, device=device)
         else:
-            loaded = build_model(model_cfg, load_backbones=True, device=self.device)
+            loaded = build_model(model_cfg, load_backbones=True, device=device)
         self.model_cfg, self.model, self.tokenizer = loaded.cfg, loaded.model, loaded.tokenizer
         saved_lora = read_checkpoint_config(checkpoint).lora if checkpoint is not None else None
         self.lora_base = base_description(self.model_cfg, saved_lora)  # what LoRA checkpoints name as their base
