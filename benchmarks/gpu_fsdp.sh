@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # FSDP2 on CUDA (NCCL, bf16), for a lent GPU machine; about 5 minutes on one H200.
+#   probe  benchmarks/fsdp_probe.py over NCCL: the collectives, fully_shard, mixed precision and DCP
 #   lib    benchmarks/gpu_fsdp.py: a random ~100M model, FSDP and DDP on every visible GPU (one GPU: a world of one):
 #          per-step losses side by side, every rank's peak allocated memory against the memory model
 #   cli    `nanovlm train --preset tiny --strategy fsdp` vs the default DDP under torchrun: per-step losses, the
@@ -18,6 +19,11 @@ NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}
 TORCHRUN="$PY -m torch.distributed.run --nproc-per-node $NPROC --master-port ${PORT:-29571}"
 LOG="$OUT/session.log"
 say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
+
+probe_step() {
+  timeout ${PROBE_TIMEOUT:-60} $TORCHRUN benchmarks/fsdp_probe.py nccl 2>>"$LOG" | tee "$OUT/probe.txt" \
+    || say "probe exited $?"
+}
 
 lib_step() {
   for s in ddp fsdp; do
@@ -53,7 +59,7 @@ ImageDraw.Draw(i).ellipse((10, 10, 54, 54), fill='red'); i.save('$OUT/red_circle
 
 say "start: $NPROC process(es)"
 nvidia-smi >>"$LOG" 2>&1
-for step in ${STEPS:-lib cli}; do
+for step in ${STEPS:-probe lib cli}; do
   say "$step"
   ${step}_step
 done
@@ -88,6 +94,8 @@ if cli["ddp"] and cli["fsdp"]:
 if cli["fsdp"] and cli["resumed"]:
     cli["max_loss_diff_resumed"] = max(abs(x - y) for x, y in zip(cli["fsdp"], cli["resumed"]))
     print(f"cli tiny: max |loss fsdp - loss stopped+resumed| = {cli['max_loss_diff_resumed']:.2e}")
+if (out / "probe.txt").is_file():
+    report["probe"] = (out / "probe.txt").read_text().splitlines()
 if (out / "generate.json").is_file():
     cli["generate"] = (out / "generate.json").read_text()[-2000:]
 report["cli"] = cli
