@@ -1,4 +1,4 @@
-"""The training loop: packed batches -> token-weighted loss -> AdamW, with exact resume and DDP.
+"""The training loop: packed batches -> token-weighted loss -> AdamW, with exact resume, DDP or FSDP2.
 
 A run is a recipe in named stages (after torchtune's recipes), each a method of `TrainingRecipe`:
 
