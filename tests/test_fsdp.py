@@ -1,8 +1,11 @@
 """FSDP2 on CPU/gloo with 2 processes: the same losses, gradients and weights as one process, sharded checkpoints.
 
 On this machine (torch 2.14.1 CPU build, gloo) `fully_shard` runs: all_gather_into_tensor and reduce_scatter_tensor
-(SUM and AVG) exist on gloo, DTensor gradients clip, DCP saves and loads shards. What cannot run here is the bf16
-mixed-precision policy under NCCL and the memory peak on a GPU: benchmarks/gpu_fsdp.sh measures those.
+(SUM and AVG) exist on gloo, DTensor gradients clip, DCP saves and loads shards (benchmarks/fsdp_probe.py). What
+does not run here: NCCL, the bf16 mixed-precision policy in training (it is CUDA-only by design), the per-rank
+allocator peak against the `vram` estimate, and `--compile` with FSDP (no compiler worth waiting for on 2 CPU
+cores); benchmarks/gpu_fsdp.sh covers the first three on a lent GPU. Here the memory check is honest about what the
+CPU can show: the bytes of the sharded tensors each rank holds, against the memory model.
 """
 
 import json
