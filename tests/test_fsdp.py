@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,7 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _torchrun(port: int) -> list[str]:
+def _torchrun() -> list[str]:
+    """torchrun for 2 processes on a port free now (fixed ports collide with other test runs on the machine)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
     return [*torchrun.split(), "--nproc_per_node", "2", "--master_port", str(port)]
 
@@ -42,7 +47,7 @@ def _torchrun(port: int) -> list[str]:
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp_worker")
-    run = subprocess.run([*_torchrun(29541), str(REPO / "tests" / "fsdp_worker.py"), str(out)], env=ENV,
+    run = subprocess.run([*_torchrun(), str(REPO / "tests" / "fsdp_worker.py"), str(out)], env=ENV,
                          cwd=REPO / "tests", capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     return out
@@ -132,10 +137,10 @@ def runs(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("fsdp_runs")
     subprocess.run([sys.executable, *_train_args(tmp, "single", 4)], check=True, env=ENV, cwd=REPO,
                    capture_output=True)
-    for port, name, args in ((29542, "ddp", _train_args(tmp, "ddp", 2, "--strategy", "ddp")),
-                             (29543, "fsdp", _train_args(tmp, "fsdp", 2, "--strategy", "fsdp")),
-                             (29546, "accum", _train_args(tmp, "accum", 1, *ACCUMULATE))):
-        run = subprocess.run([*_torchrun(port), *args[1:]], env=ENV, cwd=REPO, capture_output=True, text=True,
+    for name, args in (("ddp", _train_args(tmp, "ddp", 2, "--strategy", "ddp")),
+                       ("fsdp", _train_args(tmp, "fsdp", 2, "--strategy", "fsdp")),
+                       ("accum", _train_args(tmp, "accum", 1, *ACCUMULATE))):
+        run = subprocess.run([*_torchrun(), *args[1:]], env=ENV, cwd=REPO, capture_output=True, text=True,
                              check=False)
         assert run.returncode == 0, (name, run.stderr[-3000:])
     return tmp
@@ -164,7 +169,7 @@ def test_fsdp_with_batch_b_on_two_processes_equals_one_process_with_2b_and_ddp(r
 def test_fsdp_run_stopped_by_sigterm_resumes_from_its_shards_and_reproduces_the_losses(runs):
     log = runs / "cut.log"
     with log.open("w") as sink:
-        proc = subprocess.Popen([*_torchrun(29544), *_train_args(runs, "cut", 1, *ACCUMULATE)[1:]],
+        proc = subprocess.Popen([*_torchrun(), *_train_args(runs, "cut", 1, *ACCUMULATE)[1:]],
                                 env=ENV, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     metrics, deadline = runs / "cut" / "metrics.jsonl", time.time() + 150
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
@@ -176,7 +181,7 @@ def test_fsdp_run_stopped_by_sigterm_resumes_from_its_shards_and_reproduces_the_
     assert 1 <= len(cut) < 4, log.read_text()[-3000:]  # stopped before the end, after a finished step
     saved = runs / "cut" / "checkpoints" / f"step-{len(cut):06d}"
     assert (saved / "sharded" / "fsdp.json").is_file(), log.read_text()[-3000:]
-    resumed = subprocess.run([*_torchrun(29545), "-m", "nanovlm_cli", "train", "--resume", str(runs / "cut")],
+    resumed = subprocess.run([*_torchrun(), "-m", "nanovlm_cli", "train", "--resume", str(runs / "cut")],
                              env=ENV, cwd=REPO, capture_output=True, text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [x["loss"] for x in _metrics(runs, "cut")] == [x["loss"] for x in _metrics(runs, "accum")]
