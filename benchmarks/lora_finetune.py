@@ -1,8 +1,8 @@
 """LoRA fine-tuning of a trained tiny checkpoint on new shapes questions: held-out accuracy before and after.
 
 1. base: the tiny preset trained from scratch for `--base-steps` steps on the shapes set (generator seed 0);
-2. LoRA: adapters (r=16, alpha=32) on the decoder's attention and MLP projections of that checkpoint, projector
-   trained fully, everything else frozen, trained for `--lora-steps` steps on *new* shapes questions (generator
+2. LoRA: adapters (r=16, alpha=32; `--lora-targets`, default the decoder's and the encoder's attention and MLP
+   projections) on that checkpoint, projector trained fully (`--lr` for all of them), everything else frozen, trained for `--lora-steps` steps on *new* shapes questions (generator
    seed 1: images and questions the base never saw), starting from the base through `VLMConfig.hub_id`;
 3. both checkpoints answer the same held-out questions (eval split, never trained on by either: `--eval-size`
    open short-answer questions, exact match, per category).
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, default=200)
     parser.add_argument("--lora-steps", type=int, default=150)
     parser.add_argument("--eval-size", type=int, default=200)
+    parser.add_argument("--lora-targets", default="language,vision")
+    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of the adapters and the projector")
     parser.add_argument("--out", type=Path, default=RESULTS / "lora_finetune_cpu.json")
     args = parser.parse_args()
     preset = get_preset("tiny")
@@ -55,7 +57,9 @@ def main() -> None:
         base_dir = Path(base.final_checkpoint)
         t_base = time.perf_counter() - t0
         lora_train = preset.train.replace(max_steps=args.lora_steps, output_dir=tmp, run_name="lora", seed=1,
-                                          lora_r=16, lora_alpha=32.0, lr_language=2e-3, warmup_ratio=0.05, **common)
+                                          lora_r=16, lora_alpha=32.0, lora_targets=args.lora_targets,
+                                          lr_language=args.lr, lr_vision=args.lr, lr_mp=args.lr, warmup_ratio=0.05,
+                                          **common)
         t0 = time.perf_counter()
         lora = train(preset.model.replace(hub_id=str(base_dir)), lora_train)
         t_lora = time.perf_counter() - t0
@@ -63,7 +67,8 @@ def main() -> None:
         after = held_out_accuracy(Path(lora.final_checkpoint), args.eval_size)
         lora_config = json.loads((Path(lora.final_checkpoint) / "config.json").read_text())["lora"]
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "base_steps": args.base_steps,
-               "lora_steps": args.lora_steps, "eval_size": args.eval_size, "base_train_s": round(t_base, 1),
+               "lora_steps": args.lora_steps, "lora_targets": args.lora_targets, "lr": args.lr,
+               "eval_size": args.eval_size, "base_train_s": round(t_base, 1),
                "lora_train_s": round(t_lora, 1), "lora_trainable": lora.n_params_trainable,
                "lora_frozen": lora.n_params_frozen, "lora_modules": len(lora_config["modules"]),
                "before": before, "after": after}
