@@ -12,7 +12,8 @@ is left out). Beside the checkpoint files it writes
 tests/test_checkpoint_format.py loads every fixture with the current code and checks each tensor and the logits
 bit-exactly, so a change of the format is caught by a test, not discovered by users. A fixture is made once, by the
 code of its format, and then never rewritten: checkpoint_v0 was written by the code before config.json had a format
-version, checkpoint_v1 by the first code that wrote `"format_version": 1`.
+version, checkpoint_v1 by the first code that wrote `"format_version": 1`, checkpoint_v2 (`--lora`: rank-4 adapters on
+the decoder's projections, the layout format 2 added) by the first code that wrote `"format_version": 2`.
 
 When the format changes (`checkpoint.io.FORMAT_VERSION` bumped, the loader still reading every older format), run
 this script once from the new code to write tests/fixtures/checkpoint_vN and add it to the list in
@@ -21,6 +22,7 @@ put first on sys.path), so the git commit recorded in reference.json is the code
 
 Usage:
     python scripts/make_checkpoint_fixtures.py tests/fixtures/checkpoint_v1
+    python scripts/make_checkpoint_fixtures.py tests/fixtures/checkpoint_v2 --lora
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from safetensors.torch import save_file
 from nanovlm_cli import __version__
 from nanovlm_cli.checkpoint import io
 from nanovlm_cli.config import ImageConfig, LanguageConfig, ProjectorConfig, VisionConfig, VLMConfig
+from nanovlm_cli.models.lora import LoRAConfig, apply_lora
 
 
 def fixture_config() -> VLMConfig:
@@ -62,14 +65,16 @@ def _git_commit() -> str | None:
 
 
 @torch.no_grad()
-def make_fixture(out: Path, seed: int = 0) -> None:
+def make_fixture(out: Path, seed: int = 0, lora: bool = False) -> None:
     torch.manual_seed(seed)
     loaded = io.build_model(fixture_config(), load_backbones=False)
     model, cfg = loaded.model, loaded.cfg
+    if lora:  # B starts at zero; the perturbation below makes every adapter tensor count in the logits
+        apply_lora(model, LoRAConfig(r=4, alpha=8.0))
     gen = torch.Generator().manual_seed(seed)
     for param in model.parameters():  # norms start at exactly 1 and biases at 0: make every tensor distinct
         param.add_(0.05 * torch.randn(param.shape, generator=gen))
-    io.save_model(model, out, tokenizer=loaded.tokenizer)
+    io.save_model(model, out, tokenizer=loaded.tokenizer, lora_base="random init (fixture)" if lora else None)
 
     n_views = 5  # a 2x2 grid of tiles and the global view
     image_ids = [cfg.image_token_id] * (n_views * cfg.image_tokens_per_tile)
@@ -89,8 +94,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the fixture directory to write (replaced if it exists)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lora", action="store_true", help="add LoRA adapters (the format-2 layout)")
     args = parser.parse_args()
-    make_fixture(args.out, args.seed)
+    make_fixture(args.out, args.seed, lora=args.lora)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A nanovlm checkpoint directory is self-contained and loads offline:
 
-    config.json          {"format_version": 1, "nanovlm_version": ..., "model": VLMConfig.to_dict()}
+    config.json          {"format_version": 1 (2 with LoRA adapters), "nanovlm_version": ..., "model": VLMConfig.to_dict()}
     model.safetensors    weights (safetensors only; tied weights stored once)
     tokenizer files      the tokenizer with its extra image tokens and chat template
     README.md            a model card generated from the config (and training summary when there is one)
@@ -54,7 +54,10 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1  # of config.json + model.safetensors as save_model writes them; bump on any change of layout
+FORMAT_VERSION = 2  # the newest layout of config.json + model.safetensors this code reads; bump on any change
+# 1: config.json carries format_version. 2: LoRA adapters (a "lora" entry and `lora_A`/`lora_B` tensors). A checkpoint
+# is written with the oldest version that holds it (1, or 2 with adapters), so one without adapters still loads in code
+# that reads only format 1.
 
 StateConverter = Callable[[Mapping[str, torch.Tensor], VLMConfig], dict[str, torch.Tensor]]
 
@@ -274,8 +277,9 @@ def save_model(
     tmp.mkdir()
     try:
         cfg = model.cfg
-        config = {"format_version": FORMAT_VERSION, "nanovlm_version": __version__, "model": cfg.to_dict()}
         adapters = lora_spec(model)
+        config = {"format_version": 1 if adapters is None else 2, "nanovlm_version": __version__,
+                  "model": cfg.to_dict()}
         if adapters is not None:
             config["lora"] = {**adapters, "base": lora_base}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
