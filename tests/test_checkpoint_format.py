@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from nanovlm_cli.checkpoint.io import FORMAT_VERSION, load_model, read_model_config, save_model
 from nanovlm_cli.errors import CheckpointError
+from nanovlm_cli.models.lora import LoRAConfig, apply_lora
 from nanovlm_cli.validation import validate_checkpoint
 from tests.helpers import tiny_model
 
@@ -26,7 +27,7 @@ VERSIONS = sorted(p.name for p in FIXTURES.glob("checkpoint_v*") if (p / "expect
 
 
 def test_every_format_has_a_fixture():
-    assert VERSIONS == ["checkpoint_v0", "checkpoint_v1"]
+    assert VERSIONS == ["checkpoint_v0", "checkpoint_v1", "checkpoint_v2"]
     assert f"checkpoint_v{FORMAT_VERSION}" == VERSIONS[-1]  # a new format adds its fixture
     for version in VERSIONS:
         raw = json.loads((FIXTURES / version / "config.json").read_text())
@@ -98,7 +99,17 @@ def _edit_config(directory: Path, edit) -> None:
 def test_save_writes_the_current_format_version(tmp_path):
     loaded = tiny_model()
     directory = save_model(loaded.model, tmp_path / "ckpt", tokenizer=loaded.tokenizer)
-    assert json.loads((directory / "config.json").read_text())["format_version"] == FORMAT_VERSION == 1
+    # a checkpoint without adapters is written as format 1, so code that reads only format 1 still loads it
+    assert json.loads((directory / "config.json").read_text())["format_version"] == 1
+    assert FORMAT_VERSION == 2
+
+
+def test_a_lora_checkpoint_is_written_as_format_2(tmp_path):
+    loaded = tiny_model()
+    apply_lora(loaded.model, LoRAConfig(r=2, alpha=4.0))
+    directory = save_model(loaded.model, tmp_path / "ckpt", tokenizer=loaded.tokenizer)
+    raw = json.loads((directory / "config.json").read_text())
+    assert raw["format_version"] == 2 and raw["lora"]["r"] == 2
 
 
 def test_a_newer_format_is_refused_in_one_line(tmp_path):
