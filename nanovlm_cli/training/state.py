@@ -5,7 +5,7 @@ Layout of a run:
     <output_dir>/<run_name>/
         run_config.json                 the model and train configs the run started with
         metrics.jsonl                   one line per optimiser step
-        checkpoints/step-000200/        model files + training_state.pt (optimizer, scheduler, step, RNG, data position)
+        checkpoints/step-000200/        model files + training_state.pt (a RunState: optimizer, scheduler, step, RNG, data)
         final/                          the last model (also with training_state.pt)
         summary.json
 
