@@ -117,10 +117,12 @@ def test_each_rank_holds_the_shards_the_memory_model_predicts(worker):
 
 def _train_args(tmp_path: Path, name: str, batch_size: int, *extra: str) -> list[str]:
     # As tests/test_ddp.py: --pack-buffer 1 keeps each step's sample set the same across world sizes.
+    # --num-workers 0: a clean-clone CI run once aborted (SIGABRT at exit) in the 2-process accumulation run with the
+    # preset's encode threads; that exit bug is open (issue 17 note), these tests check losses and resume.
     return ["-m", "nanovlm_cli", "train", "--preset", "tiny", "--dataset-size", "200", "--batch-size", str(batch_size),
             "--pack-buffer", "1", "--max-seq-len", "256", "--max-steps", "4", "--save-checkpoint-steps", "100",
             "--validation-steps", "2", "--eval-size", "0", "--output-dir", str(tmp_path), "--run-name", name,
-            "--device", "cpu", "--max-threads", "1", *extra]
+            "--device", "cpu", "--max-threads", "1", "--num-workers", "0", *extra]
 
 
 ACCUMULATE = ("--strategy", "fsdp", "--gradient-accumulation-steps", "2")
