@@ -137,7 +137,7 @@ def cpu_only(monkeypatch):
     """This machine as a CPU-only one, whatever it really has."""
     # torch._dynamo reads torch.backends.mps.is_available.__wrapped__ when it is first imported (the vram estimate
     # path imports it lazily): import it before the plain-lambda patch, or a test run on its own fails there.
-    import torch._dynamo  # noqa: F401
+    import torch._dynamo
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
