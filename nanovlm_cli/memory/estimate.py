@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -304,9 +305,12 @@ def estimate_memory(
 def max_batch_size(cfg: VLMConfig, shape: SampleShape, budget_bytes: float, *, train: TrainConfig | None = None,
                    device_type: str = "cuda", limit: int = 1 << 16) -> int:
     """The largest batch size whose estimated peak fits `budget_bytes` (0 when not even one row fits)."""
-    def fits(n: int) -> bool:
-        return estimate_memory(cfg, shape, n, train=train, device_type=device_type).total <= budget_bytes
+    return largest_fitting(
+        lambda n: estimate_memory(cfg, shape, n, train=train, device_type=device_type).total <= budget_bytes, limit)
 
+
+def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
+    """The largest n >= 1 with `fits(n)` (monotone: doubling up to about `limit`, then bisection); 0 if not even 1."""
     if not fits(1):
         return 0
     low, high = 1, 2

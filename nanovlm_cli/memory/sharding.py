@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from nanovlm_cli.config import TrainConfig, VLMConfig
-from nanovlm_cli.memory.estimate import MemoryEstimate, SampleShape, estimate_memory
+from nanovlm_cli.memory.estimate import MemoryEstimate, SampleShape, estimate_memory, largest_fitting
 from nanovlm_cli.models.vlm import VisionLanguageModel
 
 
@@ -83,16 +83,5 @@ def estimate_per_rank(cfg: VLMConfig, shape: SampleShape, batch_size: int, *, tr
 def max_batch_size_per_rank(cfg: VLMConfig, shape: SampleShape, budget_bytes: float, *, train: TrainConfig,
                             world_size: int, device_type: str = "cuda", limit: int = 1 << 16) -> int:
     """The largest per-rank batch size whose FSDP per-rank peak fits `budget_bytes` (0 when not even one row)."""
-    def fits(n: int) -> bool:
-        return estimate_per_rank(cfg, shape, n, train=train, world_size=world_size,
-                                 device_type=device_type).total <= budget_bytes
-
-    if not fits(1):
-        return 0
-    low, high = 1, 2
-    while high <= limit and fits(high):
-        low, high = high, high * 2
-    while high - low > 1:  # fits(low), not fits(high)
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
+    return largest_fitting(lambda n: estimate_per_rank(cfg, shape, n, train=train, world_size=world_size,
+                                                        device_type=device_type).total <= budget_bytes, limit)
