@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from nanovlm_cli.checkpoint.card import model_card
 from nanovlm_cli.checkpoint.export import check_exportable, export_transformers
-from nanovlm_cli.checkpoint.files import read_json, weight_files
+from nanovlm_cli.checkpoint.files import new_or_empty_dir, read_json, weight_files
 from nanovlm_cli.checkpoint.io import CONFIG_FILE, WEIGHTS_FILE, load_model, read_model_config, save_model
 from nanovlm_cli.errors import HubError
 from nanovlm_cli.models.lora import merge_lora
@@ -167,18 +167,6 @@ def check_checkpoint(checkpoint: Path) -> None:
                        f"checkpoint or push an earlier one (details: nanovlm validate {checkpoint} --no-generate)")
 
 
-def _dry_run_target(path: str | Path) -> Path:
-    target = Path(path)
-    if target.exists() and not target.is_dir():
-        raise HubError(f"dry-run target {target} is a file; pass a new or empty directory")
-    if target.is_dir() and any(target.iterdir()):
-        raise HubError(f"dry-run directory {target} is not empty; pass a new or empty directory")
-    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise HubError(f"dry-run directory {target} cannot be created: {blocker} is a file; pass another directory")
-    return target
-
-
 def push_checkpoint(
     checkpoint: str | Path,
     repo_id: str,
@@ -210,7 +198,7 @@ def push_checkpoint(
     if not (checkpoint / "config.json").is_file():
         raise HubError(f"{checkpoint} is not a checkpoint directory (no config.json); pass the directory "
                        "`nanovlm train` saved")
-    target = _dry_run_target(dry_run_dir) if dry_run_dir is not None else None
+    target = new_or_empty_dir(dry_run_dir, "dry-run directory", HubError) if dry_run_dir is not None else None
     check_checkpoint(checkpoint)
     if format == "transformers":
         check_exportable(read_model_config(checkpoint))

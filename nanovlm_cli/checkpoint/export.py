@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 
 from nanovlm_cli import __version__
 from nanovlm_cli.checkpoint.card import model_card
+from nanovlm_cli.checkpoint.files import new_or_empty_dir
 from nanovlm_cli.checkpoint.idefics3 import (
     HEAD_KEY,
     TEXT_PREFIX,
@@ -241,18 +242,6 @@ def hf_state_dict(model: VisionLanguageModel, cfg: VLMConfig) -> dict[str, torch
     return {k: v.contiguous() for k, v in ours_to_idefics3(state, _tile_config(cfg)).items()}
 
 
-def _target(out_dir: str | Path) -> Path:
-    final = Path(out_dir).expanduser()
-    if final.exists() and not final.is_dir():
-        raise ExportError(f"export target {final} is a file; pass a new or empty directory")
-    if final.is_dir() and any(final.iterdir()):
-        raise ExportError(f"export directory {final} is not empty; pass a new or empty directory")
-    blocker = next((p for p in final.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise ExportError(f"export directory {final} cannot be created: {blocker} is a file; pass another directory")
-    return final
-
-
 def _read_optional_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text()) if path.is_file() else None
@@ -354,7 +343,7 @@ def export_transformers(
     exact transformers form raises `ExportError` before anything is written (see `export_problems`); `out_dir`
     must be new or empty, and is written atomically (all files or none).
     """
-    final = _target(out_dir)
+    final = new_or_empty_dir(out_dir, "export directory", ExportError)
     loaded, source_dir = _load(model_or_checkpoint, tokenizer)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")

@@ -64,6 +64,20 @@ def resolve_checkpoint(source: str | Path) -> Path:
     return max(steps, key=lambda p: int(p.name[5:]))
 
 
+def new_or_empty_dir(path: str | Path, what: str, error: type[Exception]) -> Path:
+    """`path` as a directory a command may fill: new or empty, creatable (no file in the way), else `error` naming
+    `what` ("export directory", ...) and the fix."""
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise error(f"{what} {target} is a file; pass a new or empty directory")
+    if target.is_dir() and any(target.iterdir()):
+        raise error(f"{what} {target} is not empty; pass a new or empty directory")
+    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise error(f"{what} {target} cannot be created: {blocker} is a file; pass another directory")
+    return target
+
+
 def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path.name} is missing from {path.parent}; the checkpoint is incomplete")
