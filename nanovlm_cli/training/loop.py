@@ -102,7 +102,10 @@ def train(model_cfg: VLMConfig, cfg: TrainConfig, *, callback: TrainCallback | N
         if cfg.max_threads:
             torch.set_num_threads(cfg.max_threads)
         try:
-            return TrainingRecipe(cfg, info, device, stop, callback).run(model_cfg)
+            summary = TrainingRecipe(cfg, info, device, stop, callback).run(model_cfg)
+            if info.enabled:  # no rank tears its connections down while another still finishes (rank 0 saves last)
+                torch.distributed.barrier()
+            return summary
         finally:
             shutdown(info)
 
